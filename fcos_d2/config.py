@@ -1,0 +1,70 @@
+"""``MODEL.FCOS.*`` defaults for a Detectron2 :class:`CfgNode`.
+
+Key names follow the authors' Detectron2 release (AdelaiDet) wherever it has one, so that their
+YAML files carry over; keys marked "ours" cover choices their release hard-codes. The defaults are
+the authors' improved settings (Table 3, "Improvements" rows); ``configs/FCOS-Detection/paper/``
+switches back to the ICCV 2019 settings.
+"""
+from detectron2.config import CfgNode as CN
+
+INF = 100000000
+
+
+def add_fcos_config(cfg: CN) -> CN:
+    """Add the FCOS keys to ``cfg`` (in place) and return it. Safe to call more than once."""
+    if "FCOS" in cfg.MODEL:
+        return cfg
+    _C = cfg
+    _C.MODEL.FCOS = CN()
+    fcos = _C.MODEL.FCOS
+    fcos.NUM_CLASSES = 80
+    fcos.IN_FEATURES = ["p3", "p4", "p5", "p6", "p7"]
+    fcos.FPN_STRIDES = [8, 16, 32, 64, 128]
+    # Number of extra FPN levels on top of P5 (2: P6 and P7, as in the paper).
+    fcos.TOP_LEVELS = 2
+    # ours: what P6 is computed from: "p5" (paper default, Sec. 3.2) or "res5" (C5, as RetinaNet;
+    # Table 3 row "C5").
+    fcos.TOP_LEVELS_IN_FEATURE = "p5"
+    fcos.PRIOR_PROB = 0.01
+    fcos.INFERENCE_TH_TRAIN = 0.05
+    fcos.INFERENCE_TH_TEST = 0.05
+    fcos.NMS_TH = 0.6
+    fcos.PRE_NMS_TOPK_TRAIN = 1000
+    fcos.PRE_NMS_TOPK_TEST = 1000
+    fcos.POST_NMS_TOPK_TRAIN = 100
+    fcos.POST_NMS_TOPK_TEST = 100
+    fcos.NORM = "GN"  # "GN", "BN", "SyncBN" or "" (none)
+    fcos.USE_SCALE = True
+    # Filter candidates on cls * quality instead of cls alone.
+    fcos.THRESH_WITH_CTR = False
+    # Focal loss (Sec. 3.1, following RetinaNet).
+    fcos.LOSS_ALPHA = 0.25
+    fcos.LOSS_GAMMA = 2.0
+    # Boundaries m_3..m_6 of the per-level regression ranges (Sec. 3.2); m_2 = 0 and m_7 = inf.
+    fcos.SIZES_OF_INTEREST = [64, 128, 256, 512]
+    # ours: regression activation, relu(s_i * x) (improved) or exp(s_i * x) (paper, Sec. 3.2).
+    fcos.BOX_ACTIVATION = "relu"
+    fcos.USE_DEFORMABLE = False
+    # Tower depth of each branch (Fig. 2: four 3x3 convs).
+    fcos.NUM_CLS_CONVS = 4
+    fcos.NUM_BOX_CONVS = 4
+    fcos.NUM_SHARE_CONVS = 0
+    fcos.CENTER_SAMPLE = True
+    fcos.POS_RADIUS = 1.5
+    fcos.LOC_LOSS_TYPE = "giou"  # "iou" (-ln IoU, UnitBox), "linear_iou" or "giou"
+    fcos.LOSS_NORMALIZER_CLS = "fg"  # "fg", "moving_fg" or "all"
+    fcos.LOSS_WEIGHT_CLS = 1.0
+    fcos.BOX_QUALITY = "ctrness"  # "ctrness" or "iou"
+    # ours: regression targets divided by the level's stride (Table 3 "+ Normalization").
+    fcos.NORM_REG_TARGETS = True
+    # ours: center-ness branch on the box tower (True, improved) or on the cls tower (paper, Fig. 2).
+    fcos.CENTERNESS_ON_REG = True
+    # ours: final score sqrt(cls * quality) (True, improved) or cls * quality (paper).
+    fcos.SCORE_SQRT = True
+    # ours: box loss weighted by the center-ness targets and normalized by their sum ("ctrness",
+    # improved) or unweighted and normalized by the number of positives ("none", eq. (2)).
+    fcos.REG_LOSS_WEIGHTING = "ctrness"
+    # ours: cap on (locations x boxes) elements evaluated at once by target assignment, which keeps
+    # memory bounded for images with thousands of boxes.
+    fcos.TARGETS_MAX_PAIRS_PER_CHUNK = 1 << 22
+    return cfg

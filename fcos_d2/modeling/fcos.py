@@ -1,0 +1,120 @@
+"""The FCOS detector as a Detectron2 META_ARCH ("FCOS").
+
+Detectron2's :class:`DenseDetector` supplies image preprocessing, the forward skeleton and the
+resize of detections to the requested output size; this class wires in the FCOS head, target
+assignment, losses and post-processing.
+"""
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+from detectron2.config import configurable
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
+from detectron2.modeling.meta_arch.dense_detector import DenseDetector, permute_to_N_HWA_K
+from detectron2.structures import ImageList, Instances
+from detectron2.utils.events import get_event_storage
+from torch import Tensor
+
+from .head import FCOSHead, FCOSHeadOutputs
+from .losses import FCOSLoss
+from .postprocess import FCOSPostProcessor
+from .targets import FCOSTargetAssigner, compute_locations
+
+
+def head_input_shapes(cfg, backbone: Backbone) -> List[ShapeSpec]:
+    """Shapes of ``MODEL.FCOS.IN_FEATURES``, checked against the backbone and ``FPN_STRIDES``."""
+    shapes = backbone.output_shape()
+    in_features, strides = cfg.MODEL.FCOS.IN_FEATURES, cfg.MODEL.FCOS.FPN_STRIDES
+    missing = [f for f in in_features if f not in shapes]
+    if missing:
+        raise ValueError(
+            f"MODEL.FCOS.IN_FEATURES {missing} are not produced by the backbone "
+            f"{cfg.MODEL.BACKBONE.NAME}, which outputs {sorted(shapes)}"
+        )
+    actual = [shapes[f].stride for f in in_features]
+    if list(strides) != actual:
+        raise ValueError(
+            f"MODEL.FCOS.FPN_STRIDES={list(strides)} does not match the strides {actual} of "
+            f"MODEL.FCOS.IN_FEATURES={list(in_features)}"
+        )
+    return [shapes[f] for f in in_features]
+
+
+def flatten_predictions(per_level: Sequence[Tensor], dim: int) -> Tensor:
+    """Per-level (N, K, H, W) maps -> one (N, sum H*W, K) tensor (row-major, level after level)."""
+    return torch.cat([permute_to_N_HWA_K(x, dim) for x in per_level], dim=1)
+
+
+@META_ARCH_REGISTRY.register()
+class FCOS(DenseDetector):
+    """FCOS (Tian et al., ICCV 2019): per-pixel classification, (l,t,r,b) regression, center-ness."""
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone: Backbone,
+        head: FCOSHead,
+        head_in_features: List[str],
+        strides: Sequence[int],
+        target_assigner: FCOSTargetAssigner,
+        loss: FCOSLoss,
+        postprocessor: FCOSPostProcessor,
+        pixel_mean: Tuple[float, ...],
+        pixel_std: Tuple[float, ...],
+        input_format: str = "BGR",
+    ):
+        super().__init__(backbone, head, head_in_features, pixel_mean=pixel_mean, pixel_std=pixel_std)
+        self.strides = list(strides)
+        self.target_assigner = target_assigner
+        self.loss = loss
+        self.postprocessor = postprocessor
+        self.input_format = input_format
+        self.num_classes = head.num_classes
+
+    @classmethod
+    def from_config(cls, cfg) -> Dict:
+        backbone = build_backbone(cfg)
+        return {
+            "backbone": backbone,
+            "head": FCOSHead(cfg, head_input_shapes(cfg, backbone)),
+            "head_in_features": list(cfg.MODEL.FCOS.IN_FEATURES),
+            "strides": cfg.MODEL.FCOS.FPN_STRIDES,
+            "target_assigner": FCOSTargetAssigner(cfg),
+            "loss": FCOSLoss(cfg),
+            "postprocessor": FCOSPostProcessor(cfg, is_train=False),
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "input_format": cfg.INPUT.FORMAT,
+        }
+
+    def locations(self, features: List[Tensor]) -> List[Tensor]:
+        return compute_locations([f.shape[-2:] for f in features], self.strides, features[0].device)
+
+    def forward_training(
+        self,
+        images: ImageList,
+        features: List[Tensor],
+        predictions: FCOSHeadOutputs,
+        gt_instances: List[Instances],
+    ) -> Dict[str, Tensor]:
+        targets = self.target_assigner(self.locations(features), gt_instances)
+        losses, num_pos = self.loss(
+            flatten_predictions(predictions.cls_logits, self.num_classes),
+            flatten_predictions(predictions.box_reg, 4),
+            flatten_predictions(predictions.quality_logits, 1).squeeze(2),
+            targets,
+        )
+        # The trainer reads every loss back to the host each iteration anyway; this adds no stall.
+        get_event_storage().put_scalar("fcos/num_pos_per_worker", num_pos)
+        return losses
+
+    def forward_inference(
+        self, images: ImageList, features: List[Tensor], predictions: FCOSHeadOutputs
+    ) -> List[Instances]:
+        cls_probs = [permute_to_N_HWA_K(x, self.num_classes).sigmoid() for x in predictions.cls_logits]
+        box_reg = [permute_to_N_HWA_K(x, 4) for x in predictions.box_reg]
+        quality = [permute_to_N_HWA_K(x, 1).squeeze(2).sigmoid() for x in predictions.quality_logits]
+        return self.postprocessor(
+            self.locations(features), cls_probs, box_reg, quality, images.image_sizes
+        )

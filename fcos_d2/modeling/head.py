@@ -1,0 +1,182 @@
+"""The FCOS head (Sec. 3.1-3.3, Fig. 2): shared towers, per-level scales and the three predictors.
+
+State-dict names follow the authors' Detectron2 release (``cls_tower.*``, ``bbox_tower.*``,
+``share_tower.*``, ``cls_logits``, ``bbox_pred``, ``ctrness``, ``scales.{i}.scale``), so their
+checkpoints load after renaming the ``proposal_generator.fcos_head.`` prefix to ``head.``.
+"""
+import math
+from typing import List, NamedTuple, Optional
+
+import torch
+from detectron2.config import configurable
+from detectron2.layers import NaiveSyncBatchNorm, ShapeSpec
+from torch import Tensor, nn
+from torchvision.ops import DeformConv2d
+
+NORMS = ("GN", "BN", "SyncBN", "")
+BOX_ACTIVATIONS = ("relu", "exp")
+
+
+class FCOSHeadOutputs(NamedTuple):
+    """Per-level raw outputs, each a list over levels of (N, K, H_i, W_i) tensors.
+
+    ``box_reg`` is already activated (relu or exp of s_i * x), in the units of the regression
+    targets: pixels, or pixels / stride when targets are stride-normalized.
+    """
+
+    cls_logits: List[Tensor]
+    box_reg: List[Tensor]
+    quality_logits: List[Tensor]
+
+
+class Scale(nn.Module):
+    """The trainable per-level scalar s_i of Sec. 3.2 (exp(s_i x) in place of exp(x))."""
+
+    def __init__(self, init_value: float = 1.0):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor([init_value]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.scale
+
+
+class PerLevelBatchNorm(nn.ModuleList):
+    """One BatchNorm per FPN level: feature statistics differ too much across levels to share one."""
+
+    def forward(self, x: Tensor, level: int) -> Tensor:  # type: ignore[override]
+        return self[level](x)
+
+
+class DeformableConv3x3(nn.Module):
+    """3x3 deformable conv (torchvision op) whose offsets come from a zero-initialized 3x3 conv."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.offset = nn.Conv2d(in_channels, 2 * 3 * 3, 3, padding=1)
+        self.conv = DeformConv2d(in_channels, out_channels, 3, padding=1)
+        nn.init.zeros_(self.offset.weight)
+        nn.init.zeros_(self.offset.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x, self.offset(x))
+
+
+def _make_norm(norm: str, channels: int, num_levels: int) -> Optional[nn.Module]:
+    if norm == "GN":
+        return nn.GroupNorm(32, channels)
+    if norm == "BN":
+        return PerLevelBatchNorm([nn.BatchNorm2d(channels) for _ in range(num_levels)])
+    if norm == "SyncBN":
+        return PerLevelBatchNorm([NaiveSyncBatchNorm(channels) for _ in range(num_levels)])
+    return None
+
+
+def _make_tower(
+    num_convs: int, channels: int, norm: str, num_levels: int, deformable_last: bool
+) -> nn.Sequential:
+    layers: List[nn.Module] = []
+    for i in range(num_convs):
+        if deformable_last and i == num_convs - 1:
+            layers.append(DeformableConv3x3(channels, channels))
+        else:
+            layers.append(nn.Conv2d(channels, channels, 3, padding=1))
+        norm_layer = _make_norm(norm, channels, num_levels)
+        if norm_layer is not None:
+            layers.append(norm_layer)
+        layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def _run_tower(tower: nn.Sequential, x: Tensor, level: int) -> Tensor:
+    for layer in tower:
+        x = layer(x, level) if isinstance(layer, PerLevelBatchNorm) else layer(x)
+    return x
+
+
+class FCOSHead(nn.Module):
+    """Classification tower -> C binary classifiers; box tower -> (l, t, r, b) and center-ness.
+
+    The center-ness (or IoU-quality) predictor sits on the box tower (improved default) or on the
+    classification tower (``centerness_on_reg=False``, Fig. 2 of the paper).
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        input_shape: List[ShapeSpec],
+        num_classes: int,
+        num_cls_convs: int = 4,
+        num_box_convs: int = 4,
+        num_share_convs: int = 0,
+        norm: str = "GN",
+        use_deformable: bool = False,
+        use_scale: bool = True,
+        box_activation: str = "relu",
+        centerness_on_reg: bool = True,
+        prior_prob: float = 0.01,
+    ):
+        super().__init__()
+        if norm not in NORMS:
+            raise ValueError(f"MODEL.FCOS.NORM must be one of {NORMS}, got {norm!r}")
+        if box_activation not in BOX_ACTIVATIONS:
+            raise ValueError(
+                f"MODEL.FCOS.BOX_ACTIVATION must be one of {BOX_ACTIVATIONS}, got {box_activation!r}"
+            )
+        channels = {s.channels for s in input_shape}
+        if len(channels) != 1:
+            raise ValueError(f"FCOS head needs the same channels on every level, got {channels}")
+        in_channels = channels.pop()
+        num_levels = len(input_shape)
+        self.num_classes = num_classes
+        self.box_activation = box_activation
+        self.centerness_on_reg = centerness_on_reg
+
+        self.cls_tower = _make_tower(num_cls_convs, in_channels, norm, num_levels, use_deformable)
+        self.bbox_tower = _make_tower(num_box_convs, in_channels, norm, num_levels, use_deformable)
+        self.share_tower = _make_tower(num_share_convs, in_channels, norm, num_levels, False)
+        self.cls_logits = nn.Conv2d(in_channels, num_classes, 3, padding=1)
+        self.bbox_pred = nn.Conv2d(in_channels, 4, 3, padding=1)
+        self.ctrness = nn.Conv2d(in_channels, 1, 3, padding=1)
+        self.scales = nn.ModuleList([Scale(1.0) for _ in range(num_levels)]) if use_scale else None
+
+        offset_convs = {id(m.offset) for m in self.modules() if isinstance(m, DeformableConv3x3)}
+        for module in self.modules():
+            if isinstance(module, (nn.Conv2d, DeformConv2d)) and id(module) not in offset_convs:
+                nn.init.normal_(module.weight, std=0.01)
+                nn.init.zeros_(module.bias)
+        # Sec. 3.1 / RetinaNet: start every classifier at prior_prob to avoid an early loss blow-up.
+        nn.init.constant_(self.cls_logits.bias, -math.log((1 - prior_prob) / prior_prob))
+
+    @classmethod
+    def from_config(cls, cfg, input_shape: List[ShapeSpec]):
+        fcos = cfg.MODEL.FCOS
+        return {
+            "input_shape": input_shape,
+            "num_classes": fcos.NUM_CLASSES,
+            "num_cls_convs": fcos.NUM_CLS_CONVS,
+            "num_box_convs": fcos.NUM_BOX_CONVS,
+            "num_share_convs": fcos.NUM_SHARE_CONVS,
+            "norm": fcos.NORM,
+            "use_deformable": fcos.USE_DEFORMABLE,
+            "use_scale": fcos.USE_SCALE,
+            "box_activation": fcos.BOX_ACTIVATION,
+            "centerness_on_reg": fcos.CENTERNESS_ON_REG,
+            "prior_prob": fcos.PRIOR_PROB,
+        }
+
+    def forward(self, features: List[Tensor]) -> FCOSHeadOutputs:
+        cls_logits, box_reg, quality_logits = [], [], []
+        for level, feature in enumerate(features):
+            shared = _run_tower(self.share_tower, feature, level)
+            cls_feature = _run_tower(self.cls_tower, shared, level)
+            box_feature = _run_tower(self.bbox_tower, shared, level)
+            cls_logits.append(self.cls_logits(cls_feature))
+            quality_logits.append(
+                self.ctrness(box_feature if self.centerness_on_reg else cls_feature)
+            )
+            reg = self.bbox_pred(box_feature)
+            if self.scales is not None:
+                reg = self.scales[level](reg)
+            box_reg.append(torch.relu(reg) if self.box_activation == "relu" else torch.exp(reg))
+        return FCOSHeadOutputs(cls_logits, box_reg, quality_logits)

@@ -1,0 +1,192 @@
+"""FCOS losses: eq. (2) (focal + IoU loss) plus the center-ness BCE of Sec. 3.3.
+
+Everything is computed with masks over all locations rather than by gathering positives, so the
+training step has no data-dependent shapes and no host-device synchronisation; normalisers stay
+tensors and are averaged over workers with an all-reduce.
+"""
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.utils import comm
+from fvcore.nn import sigmoid_focal_loss_jit
+from torch import Tensor
+
+from .targets import FCOSTargets, centerness_from_ltrb
+
+LOC_LOSS_TYPES = ("iou", "linear_iou", "giou")
+BOX_QUALITIES = ("ctrness", "iou")
+CLS_NORMALIZERS = ("fg", "moving_fg", "all")
+REG_LOSS_WEIGHTINGS = ("ctrness", "none")
+
+
+def iou_and_giou_from_ltrb(pred: Tensor, target: Tensor, eps: float = 1e-7) -> Tuple[Tensor, Tensor]:
+    """IoU and GIoU of two boxes given as (l, t, r, b) distances from the same location.
+
+    Both boxes contain the location, so the intersection is (min(l,l*) + min(r,r*)) x
+    (min(t,t*) + min(b,b*)) with no clamping (UnitBox's formulation).
+    """
+    pred_area = (pred[..., 0] + pred[..., 2]) * (pred[..., 1] + pred[..., 3])
+    target_area = (target[..., 0] + target[..., 2]) * (target[..., 1] + target[..., 3])
+    inter_wh = torch.minimum(pred[..., 0::2], target[..., 0::2]).sum(-1), torch.minimum(
+        pred[..., 1::2], target[..., 1::2]
+    ).sum(-1)
+    enclose_wh = torch.maximum(pred[..., 0::2], target[..., 0::2]).sum(-1), torch.maximum(
+        pred[..., 1::2], target[..., 1::2]
+    ).sum(-1)
+    inter = inter_wh[0] * inter_wh[1]
+    union = pred_area + target_area - inter
+    enclose = enclose_wh[0] * enclose_wh[1]
+    iou = inter / (union + eps)
+    giou = iou - (enclose - union) / (enclose + eps)
+    return iou, giou
+
+
+def box_loss(pred: Tensor, target: Tensor, loss_type: str) -> Tuple[Tensor, Tensor]:
+    """Per-location box loss and the IoU it was computed from.
+
+    ``iou``: -ln(IoU) (UnitBox, the paper); ``linear_iou``: 1 - IoU; ``giou``: 1 - GIoU.
+    """
+    iou, giou = iou_and_giou_from_ltrb(pred, target)
+    if loss_type == "iou":
+        loss = -torch.log(iou.clamp(min=1e-6))
+    elif loss_type == "linear_iou":
+        loss = 1 - iou
+    elif loss_type == "giou":
+        loss = 1 - giou
+    else:
+        raise ValueError(f"MODEL.FCOS.LOC_LOSS_TYPE must be one of {LOC_LOSS_TYPES}, got {loss_type!r}")
+    return loss, iou
+
+
+def _mean_over_workers(value: Tensor) -> Tensor:
+    if comm.get_world_size() > 1:
+        value = value.clone()
+        torch.distributed.all_reduce(value)
+        value = value / comm.get_world_size()
+    return value
+
+
+class FCOSLoss:
+    """Computes the FCOS losses from dense predictions and :class:`FCOSTargets`.
+
+    * classification: sigmoid focal loss over all locations and classes, divided by the number of
+      positives averaged over workers (``fg``), its moving average (``moving_fg``) or the number of
+      locations (``all``);
+    * box: the chosen IoU loss on positives, weighted by the center-ness targets and divided by
+      their worker-averaged sum (``reg_loss_weighting="ctrness"``), or unweighted and divided by
+      the number of positives (``"none"``, eq. (2));
+    * quality: BCE of the center-ness logit against eq. (3) (``box_quality="ctrness"``), or of an
+      IoU-quality logit against the detached IoU of the predicted box (``"iou"``; the box loss is
+      then unweighted, as in the authors' code), divided by the number of positives.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        num_classes: int,
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+        loc_loss_type: str = "giou",
+        box_quality: str = "ctrness",
+        cls_normalizer: str = "fg",
+        reg_loss_weighting: str = "ctrness",
+        cls_loss_weight: float = 1.0,
+        moving_fg_momentum: float = 0.9,
+        loss_prefix: str = "loss_fcos",
+    ):
+        for value, allowed, key in (
+            (loc_loss_type, LOC_LOSS_TYPES, "LOC_LOSS_TYPE"),
+            (box_quality, BOX_QUALITIES, "BOX_QUALITY"),
+            (cls_normalizer, CLS_NORMALIZERS, "LOSS_NORMALIZER_CLS"),
+            (reg_loss_weighting, REG_LOSS_WEIGHTINGS, "REG_LOSS_WEIGHTING"),
+        ):
+            if value not in allowed:
+                raise ValueError(f"MODEL.FCOS.{key} must be one of {allowed}, got {value!r}")
+        self.num_classes = num_classes
+        self.focal_alpha = focal_alpha
+        self.focal_gamma = focal_gamma
+        self.loc_loss_type = loc_loss_type
+        self.box_quality = box_quality
+        self.cls_normalizer = cls_normalizer
+        self.reg_loss_weighting = reg_loss_weighting
+        self.cls_loss_weight = cls_loss_weight
+        self.moving_fg_momentum = moving_fg_momentum
+        self.loss_prefix = loss_prefix
+        self.moving_num_fg: Optional[Tensor] = None
+
+    @classmethod
+    def from_config(cls, cfg):
+        fcos = cfg.MODEL.FCOS
+        return {
+            "num_classes": fcos.NUM_CLASSES,
+            "focal_alpha": fcos.LOSS_ALPHA,
+            "focal_gamma": fcos.LOSS_GAMMA,
+            "loc_loss_type": fcos.LOC_LOSS_TYPE,
+            "box_quality": fcos.BOX_QUALITY,
+            "cls_normalizer": fcos.LOSS_NORMALIZER_CLS,
+            "reg_loss_weighting": fcos.REG_LOSS_WEIGHTING,
+            "cls_loss_weight": fcos.LOSS_WEIGHT_CLS,
+        }
+
+    def __call__(
+        self, cls_logits: Tensor, box_reg: Tensor, quality_logits: Tensor, targets: FCOSTargets
+    ) -> Tuple[Dict[str, Tensor], Tensor]:
+        """
+        Args:
+            cls_logits: (N, L, C); box_reg: (N, L, 4) in target units; quality_logits: (N, L).
+        Returns:
+            the loss dict and the number of positives averaged over workers (a tensor).
+        """
+        is_fg = targets.labels != self.num_classes
+        num_pos = _mean_over_workers(is_fg.sum().to(box_reg.dtype))
+        num_pos_avg = num_pos.clamp(min=1.0)
+
+        gt_onehot = F.one_hot(targets.labels, self.num_classes + 1)[..., : self.num_classes]
+        loss_cls = sigmoid_focal_loss_jit(
+            cls_logits,
+            gt_onehot.to(cls_logits.dtype),
+            alpha=self.focal_alpha,
+            gamma=self.focal_gamma,
+            reduction="sum",
+        )
+        loss_cls = loss_cls / self._cls_normalizer(num_pos_avg, is_fg)
+
+        fg = is_fg.to(box_reg.dtype)
+        # Background rows get a dummy unit box so that IoU and center-ness stay finite there:
+        # a NaN multiplied by a zero weight would still poison the gradients.
+        reg_targets = torch.where(is_fg[..., None], targets.reg_targets, torch.ones_like(box_reg))
+        loc_loss, iou = box_loss(box_reg, reg_targets, self.loc_loss_type)
+        if self.box_quality == "ctrness":
+            quality_targets = centerness_from_ltrb(reg_targets)
+            if self.reg_loss_weighting == "ctrness":
+                loc_weights = quality_targets * fg
+                loc_normalizer = _mean_over_workers(loc_weights.sum()).clamp(min=1e-6)
+            else:
+                loc_weights, loc_normalizer = fg, num_pos_avg
+        else:
+            quality_targets = iou.detach()
+            loc_weights, loc_normalizer = fg, num_pos_avg
+        loss_loc = (loc_loss * loc_weights).sum() / loc_normalizer
+        loss_quality = (
+            F.binary_cross_entropy_with_logits(quality_logits, quality_targets, reduction="none") * fg
+        ).sum() / num_pos_avg
+        quality_name = "ctr" if self.box_quality == "ctrness" else "iou"
+        losses = {
+            f"{self.loss_prefix}_cls": loss_cls * self.cls_loss_weight,
+            f"{self.loss_prefix}_loc": loss_loc,
+            f"{self.loss_prefix}_{quality_name}": loss_quality,
+        }
+        return losses, num_pos
+
+    def _cls_normalizer(self, num_pos_avg: Tensor, is_fg: Tensor) -> Tensor:
+        if self.cls_normalizer == "fg":
+            return num_pos_avg
+        if self.cls_normalizer == "moving_fg":
+            previous = self.moving_num_fg if self.moving_num_fg is not None else num_pos_avg.new_tensor(100.0)
+            momentum = self.moving_fg_momentum
+            self.moving_num_fg = (momentum * previous + (1 - momentum) * num_pos_avg).detach()
+            return self.moving_num_fg
+        return _mean_over_workers(torch.tensor(float(is_fg.numel()), device=is_fg.device))

@@ -1,0 +1,215 @@
+"""FCOS target assignment (Sec. 3.1-3.3), vectorised over locations x boxes.
+
+Every location of every level is compared with every ground-truth box of its image at once (in
+chunks of boxes when the pair count would exceed a memory cap); no Python loop over boxes and no
+host-device synchronisation.
+"""
+from typing import List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+from detectron2.config import configurable
+from detectron2.structures import Instances
+from torch import Tensor
+
+INF = float("inf")
+
+
+def compute_locations(
+    feature_sizes: Sequence[Tuple[int, int]], strides: Sequence[int], device: torch.device
+) -> List[Tensor]:
+    """Image coordinates of every feature location, per level, as (H_i * W_i, 2) (x, y) tensors.
+
+    Location (x, y) on a level of stride s maps to (floor(s/2) + x s, floor(s/2) + y s) (Sec. 3.1),
+    in row-major order, matching the flattening of an (N, K, H, W) prediction map.
+    """
+    locations = []
+    for (height, width), stride in zip(feature_sizes, strides):
+        xs = torch.arange(width, dtype=torch.float32, device=device) * stride + stride // 2
+        ys = torch.arange(height, dtype=torch.float32, device=device) * stride + stride // 2
+        grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+        locations.append(torch.stack([grid_x.reshape(-1), grid_y.reshape(-1)], dim=1))
+    return locations
+
+
+def ltrb_distances(points: Tensor, boxes: Tensor) -> Tensor:
+    """Eq. (1): (l*, t*, r*, b*) = (x - x0, y - y0, x1 - x, y1 - y).
+
+    ``points`` (..., 2) and ``boxes`` (..., 4) broadcast against each other: pass (P, 1, 2) and
+    (1, G, 4) for all pairs, or (P, 2) and (P, 4) for matched pairs.
+    """
+    x, y = points[..., 0], points[..., 1]
+    return torch.stack([x - boxes[..., 0], y - boxes[..., 1], boxes[..., 2] - x, boxes[..., 3] - y], -1)
+
+
+def centerness_from_ltrb(ltrb: Tensor) -> Tensor:
+    """Eq. (3): sqrt(min(l,r)/max(l,r) * min(t,b)/max(t,b)) for (..., 4) distances."""
+    left_right = ltrb[..., [0, 2]]
+    top_bottom = ltrb[..., [1, 3]]
+    ratio = (left_right.min(dim=-1).values / left_right.max(dim=-1).values) * (
+        top_bottom.min(dim=-1).values / top_bottom.max(dim=-1).values
+    )
+    return torch.sqrt(ratio)
+
+
+class FCOSTargets(NamedTuple):
+    """Targets of a batch over the concatenation of all levels' locations, shapes (N, L[, 4]).
+
+    ``matched_gt`` is the index of the assigned box in its image's instances, -1 for background;
+    ``labels`` is the class, ``num_classes`` for background; ``reg_targets`` are (l*, t*, r*, b*),
+    divided by the level's stride when normalized, and 0 on background.
+    """
+
+    labels: Tensor
+    reg_targets: Tensor
+    matched_gt: Tensor
+
+
+class FCOSTargetAssigner:
+    """Assigns each location to at most one ground-truth box.
+
+    A location is a candidate for a box when it is strictly inside the box (min(l*,t*,r*,b*) > 0),
+    and, with center sampling, also strictly inside the square of half-side ``radius * stride``
+    around the box center clipped to the box; and when its level's range holds the box:
+    m_{i-1} <= max(l*,t*,r*,b*) <= m_i (Sec. 3.2). Among candidates the box of minimal area wins,
+    ties going to the lowest box index. Crowd boxes (``gt_is_crowd``) are never candidates.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        strides: Sequence[int],
+        sizes_of_interest: Sequence[float],
+        num_classes: int,
+        center_sampling_radius: float = 1.5,
+        normalize_reg_targets: bool = True,
+        max_pairs_per_chunk: int = 1 << 22,
+    ):
+        """
+        Args:
+            strides: stride of each level, e.g. (8, 16, 32, 64, 128).
+            sizes_of_interest: m_3..m_{L}, one fewer than levels, e.g. (64, 128, 256, 512).
+            center_sampling_radius: radius in strides; 0 disables center sampling.
+        """
+        if len(sizes_of_interest) != len(strides) - 1:
+            raise ValueError(
+                f"MODEL.FCOS.SIZES_OF_INTEREST needs {len(strides) - 1} values for "
+                f"{len(strides)} levels (FPN_STRIDES={list(strides)}), got {list(sizes_of_interest)}"
+            )
+        bounds = [0.0, *map(float, sizes_of_interest), INF]
+        self.strides = list(strides)
+        self.size_ranges = list(zip(bounds[:-1], bounds[1:]))
+        self.num_classes = num_classes
+        self.center_sampling_radius = center_sampling_radius
+        self.normalize_reg_targets = normalize_reg_targets
+        self.max_pairs_per_chunk = max_pairs_per_chunk
+
+    @classmethod
+    def from_config(cls, cfg):
+        fcos = cfg.MODEL.FCOS
+        return {
+            "strides": fcos.FPN_STRIDES,
+            "sizes_of_interest": fcos.SIZES_OF_INTEREST,
+            "num_classes": fcos.NUM_CLASSES,
+            "center_sampling_radius": fcos.POS_RADIUS if fcos.CENTER_SAMPLE else 0.0,
+            "normalize_reg_targets": fcos.NORM_REG_TARGETS,
+            "max_pairs_per_chunk": fcos.TARGETS_MAX_PAIRS_PER_CHUNK,
+        }
+
+    def __call__(self, locations: List[Tensor], gt_instances: List[Instances]) -> FCOSTargets:
+        """
+        Args:
+            locations: per level, (H_i * W_i, 2) image coordinates from :func:`compute_locations`.
+            gt_instances: per image, with ``gt_boxes``, ``gt_classes`` and optionally ``gt_is_crowd``.
+        """
+        points = torch.cat(locations, dim=0)
+        per_level = [len(loc) for loc in locations]
+        device = points.device
+        strides = torch.repeat_interleave(
+            torch.tensor(self.strides, dtype=points.dtype, device=device),
+            torch.tensor(per_level, device=device),
+        )
+        size_ranges = torch.repeat_interleave(
+            torch.tensor(self.size_ranges, dtype=points.dtype, device=device),
+            torch.tensor(per_level, device=device),
+            dim=0,
+        )
+        labels, reg_targets, matched = [], [], []
+        for instances in gt_instances:
+            boxes = instances.gt_boxes.tensor.to(points.dtype)
+            crowd = instances.gt_is_crowd if instances.has("gt_is_crowd") else None
+            matched_gt = self.match(points, strides, size_ranges, boxes, crowd)
+            is_fg = matched_gt >= 0
+            safe_idx = matched_gt.clamp(min=0)
+            if len(boxes):
+                ltrb = ltrb_distances(points, boxes[safe_idx])
+                cls = instances.gt_classes[safe_idx]
+            else:
+                ltrb = points.new_zeros(len(points), 4)
+                cls = matched_gt.new_zeros(len(points))
+            if self.normalize_reg_targets:
+                ltrb = ltrb / strides[:, None]
+            labels.append(torch.where(is_fg, cls, torch.full_like(cls, self.num_classes)))
+            reg_targets.append(ltrb * is_fg[:, None])
+            matched.append(matched_gt)
+        return FCOSTargets(torch.stack(labels), torch.stack(reg_targets), torch.stack(matched))
+
+    def candidates(
+        self,
+        points: Tensor,
+        strides: Tensor,
+        size_ranges: Tensor,
+        boxes: Tensor,
+        crowd: Optional[Tensor] = None,
+    ) -> Tensor:
+        """(P, G) bool: location p may regress box g (inside, center region, level range)."""
+        ltrb = ltrb_distances(points[:, None], boxes[None])
+        if self.center_sampling_radius > 0:
+            centers = (boxes[:, :2] + boxes[:, 2:]) / 2
+            radius = (strides * self.center_sampling_radius)[:, None, None]
+            region = torch.cat(
+                [
+                    torch.maximum(centers[None] - radius, boxes[None, :, :2]),
+                    torch.minimum(centers[None] + radius, boxes[None, :, 2:]),
+                ],
+                dim=2,
+            )
+            inside = ltrb_distances(points[:, None], region).min(dim=2).values > 0
+        else:
+            inside = ltrb.min(dim=2).values > 0
+        max_distance = ltrb.max(dim=2).values
+        in_range = (max_distance >= size_ranges[:, None, 0]) & (max_distance <= size_ranges[:, None, 1])
+        is_candidate = inside & in_range
+        if crowd is not None:
+            is_candidate &= ~crowd.bool()[None, :]
+        return is_candidate
+
+    def match(
+        self,
+        points: Tensor,
+        strides: Tensor,
+        size_ranges: Tensor,
+        boxes: Tensor,
+        crowd: Optional[Tensor] = None,
+    ) -> Tensor:
+        """(P,) index of the minimal-area candidate box of each location, -1 where there is none."""
+        num_points = len(points)
+        best_area = points.new_full((num_points,), INF)
+        best_idx = torch.full((num_points,), -1, dtype=torch.long, device=points.device)
+        areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        chunk = max(1, self.max_pairs_per_chunk // max(num_points, 1))
+        for start in range(0, len(boxes), chunk):
+            stop = start + chunk
+            crowd_chunk = crowd[start:stop] if crowd is not None else None
+            is_candidate = self.candidates(
+                points, strides, size_ranges, boxes[start:stop], crowd_chunk
+            )
+            candidate_area = torch.where(is_candidate, areas[None, start:stop], INF)
+            # min() returns the first minimum, so ties within a chunk go to the lowest index, and
+            # the strict < below keeps earlier chunks' winners on ties across chunks.
+            chunk_area, chunk_idx = candidate_area.min(dim=1)
+            better = chunk_area < best_area
+            best_area = torch.where(better, chunk_area, best_area)
+            best_idx = torch.where(better, chunk_idx + start, best_idx)
+        return best_idx
+
