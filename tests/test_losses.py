@@ -1,0 +1,126 @@
+"""FCOS losses on crafted predictions against closed-form values."""
+import math
+
+import pytest
+import torch
+
+from fcos_d2.modeling.losses import FCOSLoss, box_loss, iou_and_giou_from_ltrb
+from fcos_d2.modeling.targets import FCOSTargets
+
+LN2 = math.log(2.0)
+# Focal loss at p = 0.5 (logit 0), alpha 0.25, gamma 2: positive 0.25 * 0.5^2 * ln 2, negative
+# 0.75 * 0.5^2 * ln 2.
+FOCAL_POS_AT_HALF = 0.25 * 0.25 * LN2
+FOCAL_NEG_AT_HALF = 0.75 * 0.25 * LN2
+
+
+def test_iou_and_giou_from_ltrb_closed_form():
+    # pred (2, .5, .5, 1): 2.5 x 1.5 = 3.75; target (1, 1, 1, 1): 2 x 2 = 4;
+    # intersection (1 + .5) x (.5 + 1) = 2.25, union 5.5, enclosing (2 + 1) x (1 + 1) = 6.
+    pred = torch.tensor([[2.0, 0.5, 0.5, 1.0]])
+    target = torch.tensor([[1.0, 1.0, 1.0, 1.0]])
+    iou, giou = iou_and_giou_from_ltrb(pred, target)
+    assert iou.item() == pytest.approx(2.25 / 5.5)
+    assert giou.item() == pytest.approx(2.25 / 5.5 - 0.5 / 6)
+    assert box_loss(pred, target, "iou")[0].item() == pytest.approx(-math.log(2.25 / 5.5))
+    assert box_loss(pred, target, "linear_iou")[0].item() == pytest.approx(1 - 2.25 / 5.5)
+    assert box_loss(pred, target, "giou")[0].item() == pytest.approx(1 - 2.25 / 5.5 + 0.5 / 6)
+    # Identical boxes: zero loss for all three.
+    for kind in ("iou", "linear_iou", "giou"):
+        assert box_loss(target, target, kind)[0].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def _crafted():
+    """One image, 3 locations, 2 classes: two positives (classes 1 and 0) and one background.
+
+    Targets (1,1,1,1) (center-ness 1) and (1,2,3,4) (center-ness sqrt(1/3 * 2/4) = sqrt(1/6)).
+    Predictions: all class and quality logits 0; boxes (2,.5,.5,1) and exactly (1,2,3,4).
+    """
+    targets = FCOSTargets(
+        labels=torch.tensor([[1, 0, 2]]),
+        reg_targets=torch.tensor([[[1.0, 1, 1, 1], [1, 2, 3, 4], [0, 0, 0, 0]]]),
+        matched_gt=torch.tensor([[0, 1, -1]]),
+    )
+    cls_logits = torch.zeros(1, 3, 2, requires_grad=True)
+    box_reg = torch.tensor([[[2.0, 0.5, 0.5, 1.0], [1, 2, 3, 4], [5, 5, 5, 5]]], requires_grad=True)
+    quality_logits = torch.zeros(1, 3, requires_grad=True)
+    return cls_logits, box_reg, quality_logits, targets
+
+
+def test_default_losses_closed_form():
+    cls_logits, box_reg, quality_logits, targets = _crafted()
+    losses, num_pos = FCOSLoss(num_classes=2)(cls_logits, box_reg, quality_logits, targets)
+    # 6 (location, class) pairs: 2 positive, 4 negative; normalised by 2 positives.
+    assert num_pos.item() == 2
+    expected_cls = (2 * FOCAL_POS_AT_HALF + 4 * FOCAL_NEG_AT_HALF) / 2
+    assert losses["loss_fcos_cls"].item() == pytest.approx(expected_cls)
+    # GIoU loss weighted by center-ness targets (1 and sqrt(1/6)), normalised by their sum.
+    ctr = [1.0, math.sqrt(1 / 6)]
+    giou_losses = [1 - 2.25 / 5.5 + 0.5 / 6, 0.0]
+    expected_loc = (ctr[0] * giou_losses[0] + ctr[1] * giou_losses[1]) / sum(ctr)
+    assert losses["loss_fcos_loc"].item() == pytest.approx(expected_loc)
+    # BCE at logit 0 is -(t ln .5 + (1 - t) ln .5) = ln 2 for any target: (ln 2 + ln 2) / 2.
+    assert losses["loss_fcos_ctr"].item() == pytest.approx(LN2)
+    total = sum(losses.values())
+    total.backward()
+    # Background locations get no box or quality gradient.
+    assert box_reg.grad[0, 2].abs().sum() == 0
+    assert quality_logits.grad[0, 2] == 0
+
+
+def test_paper_normalisers_iou_loss_unweighted():
+    cls_logits, box_reg, quality_logits, targets = _crafted()
+    loss = FCOSLoss(num_classes=2, loc_loss_type="iou", reg_loss_weighting="none")
+    losses, _ = loss(cls_logits, box_reg, quality_logits, targets)
+    assert losses["loss_fcos_loc"].item() == pytest.approx((-math.log(2.25 / 5.5) + 0.0) / 2, abs=1e-6)
+
+
+def test_iou_quality_targets_are_detached_ious_and_box_loss_unweighted():
+    cls_logits, box_reg, quality_logits, targets = _crafted()
+    loss = FCOSLoss(num_classes=2, box_quality="iou", loc_loss_type="linear_iou")
+    losses, _ = loss(cls_logits, box_reg, quality_logits, targets)
+    assert set(losses) == {"loss_fcos_cls", "loss_fcos_loc", "loss_fcos_iou"}
+    assert losses["loss_fcos_loc"].item() == pytest.approx((1 - 2.25 / 5.5) / 2, abs=1e-6)
+    # BCE at logit 0 is ln 2 for any target in [0, 1].
+    assert losses["loss_fcos_iou"].item() == pytest.approx(LN2)
+    # With a quality logit of 3, the BCE against IoU q is softplus(3) - 3 q.
+    quality_logits = torch.full((1, 3), 3.0)
+    losses, _ = loss(cls_logits, box_reg, quality_logits, targets)
+    softplus3 = math.log1p(math.exp(3.0))
+    expected = ((softplus3 - 3 * 2.25 / 5.5) + (softplus3 - 3 * 1.0)) / 2
+    assert losses["loss_fcos_iou"].item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_cls_normalisers_all_and_moving_fg():
+    cls_logits, box_reg, quality_logits, targets = _crafted()
+    raw_sum = 2 * FOCAL_POS_AT_HALF + 4 * FOCAL_NEG_AT_HALF
+    losses, _ = FCOSLoss(num_classes=2, cls_normalizer="all")(cls_logits, box_reg, quality_logits, targets)
+    assert losses["loss_fcos_cls"].item() == pytest.approx(raw_sum / 3)  # 3 locations
+    moving = FCOSLoss(num_classes=2, cls_normalizer="moving_fg")
+    losses, _ = moving(cls_logits, box_reg, quality_logits, targets)
+    first = 0.9 * 100 + 0.1 * 2  # EMA starts at 100, as in the authors' code
+    assert losses["loss_fcos_cls"].item() == pytest.approx(raw_sum / first)
+    losses, _ = moving(cls_logits, box_reg, quality_logits, targets)
+    assert losses["loss_fcos_cls"].item() == pytest.approx(raw_sum / (0.9 * first + 0.1 * 2))
+
+
+def test_batch_without_positives_gives_finite_losses_and_a_graph():
+    labels = torch.full((2, 5), 3)
+    targets = FCOSTargets(labels, torch.zeros(2, 5, 4), torch.full((2, 5), -1))
+    cls_logits = torch.zeros(2, 5, 3, requires_grad=True)
+    box_reg = torch.rand(2, 5, 4).requires_grad_()
+    quality_logits = torch.zeros(2, 5, requires_grad=True)
+    for kw in ({}, {"box_quality": "iou"}, {"loc_loss_type": "iou", "reg_loss_weighting": "none"}):
+        losses, num_pos = FCOSLoss(num_classes=3, **kw)(cls_logits, box_reg, quality_logits, targets)
+        assert num_pos.item() == 0
+        total = sum(losses.values())
+        assert torch.isfinite(total)
+        # Normaliser clamps to 1: all 30 (location, class) pairs are negatives at p = 0.5.
+        assert losses["loss_fcos_cls"].item() == pytest.approx(30 * FOCAL_NEG_AT_HALF)
+        total.backward()
+        assert torch.isfinite(box_reg.grad).all() and torch.isfinite(cls_logits.grad).all()
+
+
+def test_bad_loss_type_is_named():
+    with pytest.raises(ValueError, match="LOC_LOSS_TYPE.*'smooth_l1'"):
+        FCOSLoss(num_classes=2, loc_loss_type="smooth_l1")

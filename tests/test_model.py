@@ -1,0 +1,173 @@
+"""The FCOS meta-architecture: configs, state-dict layout, head variants, training and overfitting."""
+import glob
+
+import pytest
+import torch
+from conftest import synthetic_image
+from detectron2.modeling import build_model
+from detectron2.structures import Boxes, pairwise_iou
+from detectron2.utils.events import EventStorage
+
+from fcos_d2.modeling.head import FCOSHead
+
+DETECTION_CONFIGS = sorted(glob.glob("configs/FCOS-Detection/**/*.yaml", recursive=True))
+
+
+def test_config_list_is_complete():
+    names = {path.split("FCOS-Detection/")[1] for path in DETECTION_CONFIGS}
+    assert names >= {
+        "Base-FCOS.yaml", "R_50_1x.yaml", "MS_R_50_2x.yaml", "MS_R_101_2x.yaml",
+        "MS_X_101_32x8d_2x.yaml", "MS_X_101_64x4d_2x.yaml", "R_50_1x_iou.yaml",
+        "paper/R_50_1x_iccv2019.yaml",
+    }
+
+
+@pytest.mark.parametrize("path", DETECTION_CONFIGS, ids=lambda p: p.split("FCOS-Detection/")[1])
+def test_every_config_builds_trains_and_infers(cfg, path):
+    cfg.merge_from_file(path)
+    cfg.MODEL.WEIGHTS = ""
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    batch = [synthetic_image(96, 128, boxes=[[10, 10, 60, 50]], classes=[1])]
+    with EventStorage():
+        losses = model(batch)
+    assert set(losses) == {"loss_fcos_cls", "loss_fcos_loc", f"loss_fcos_{'iou' if 'iou' in path else 'ctr'}"}
+    assert all(torch.isfinite(v) for v in losses.values())
+    model.eval()
+    with torch.no_grad():
+        (out,) = model(batch)
+    assert out["instances"].image_size == (96, 128)
+
+
+def test_r50_parameter_count_matches_the_authors_layout(cfg):
+    cfg.merge_from_file("configs/FCOS-Detection/R_50_1x.yaml")
+    model = build_model(cfg)
+    assert sum(p.numel() for p in model.parameters()) == 32_244_250
+
+
+def test_head_state_dict_names_follow_the_authors_release(cfg):
+    cfg.merge_from_file("configs/FCOS-Detection/R_50_1x.yaml")
+    head_keys = {k[len("head."):] for k in build_model(cfg).state_dict() if k.startswith("head.")}
+    expected = set()
+    for tower in ("cls_tower", "bbox_tower"):
+        for conv, norm in ((0, 1), (3, 4), (6, 7), (9, 10)):  # conv, GN, ReLU per block
+            expected |= {f"{tower}.{conv}.weight", f"{tower}.{conv}.bias"}
+            expected |= {f"{tower}.{norm}.weight", f"{tower}.{norm}.bias"}
+    for predictor in ("cls_logits", "bbox_pred", "ctrness"):
+        expected |= {f"{predictor}.weight", f"{predictor}.bias"}
+    expected |= {f"scales.{i}.scale" for i in range(5)}
+    assert head_keys == expected
+
+
+def test_top_levels_from_p5_or_c5(cfg):
+    cfg.merge_from_file("configs/FCOS-Detection/R_50_1x.yaml")
+    p6_from_p5 = build_model(cfg).backbone.top_block.p6.weight.shape
+    cfg.MODEL.FCOS.TOP_LEVELS_IN_FEATURE = "res5"
+    p6_from_c5 = build_model(cfg).backbone.top_block.p6.weight.shape
+    assert p6_from_p5 == (256, 256, 3, 3)
+    assert p6_from_c5 == (256, 2048, 3, 3)
+    cfg.MODEL.FCOS.TOP_LEVELS_IN_FEATURE = "c5"
+    with pytest.raises(ValueError, match="TOP_LEVELS_IN_FEATURE.*'c5'"):
+        build_model(cfg)
+
+
+def test_mismatched_strides_are_reported(tiny_cfg):
+    tiny_cfg.MODEL.FCOS.FPN_STRIDES = [8, 16, 32, 64, 64]
+    with pytest.raises(ValueError, match="FPN_STRIDES"):
+        build_model(tiny_cfg)
+
+
+def _head(**kw):
+    from detectron2.layers import ShapeSpec
+
+    torch.manual_seed(0)
+    shapes = [ShapeSpec(channels=32, stride=s) for s in (8, 16)]
+    return FCOSHead(input_shape=shapes, num_classes=3, num_cls_convs=2, num_box_convs=2, **kw)
+
+
+def test_head_variants_shared_tower_bn_per_level_and_names():
+    head = _head(num_share_convs=1, norm="BN")
+    keys = set(head.state_dict())
+    assert {"share_tower.0.weight", "share_tower.1.0.weight", "share_tower.1.1.weight"} <= keys
+    assert "cls_tower.1.1.running_mean" in keys  # one BatchNorm per level
+    features = [torch.randn(2, 32, 8, 8), torch.randn(2, 32, 4, 4)]
+    out = head(features)
+    assert [tuple(x.shape) for x in out.cls_logits] == [(2, 3, 8, 8), (2, 3, 4, 4)]
+    assert [tuple(x.shape) for x in out.box_reg] == [(2, 4, 8, 8), (2, 4, 4, 4)]
+    assert [tuple(x.shape) for x in out.quality_logits] == [(2, 1, 8, 8), (2, 1, 4, 4)]
+
+
+def test_classifier_prior_and_activations():
+    head = _head()
+    features = [torch.randn(1, 32, 8, 8), torch.randn(1, 32, 4, 4)]
+    probs = torch.sigmoid(head(features).cls_logits[0])
+    # Weights N(0, 0.01) and a bias from the prior: probabilities start near 0.01.
+    assert probs.mean().item() == pytest.approx(0.01, abs=0.002)
+    assert all((x >= 0).all() for x in head(features).box_reg)  # relu
+    assert all((x > 0).all() for x in _head(box_activation="exp")(features).box_reg)
+    head.scales[1].scale.data.fill_(2.0)
+    raw = head.bbox_pred(head.bbox_tower(features[1]))
+    torch.testing.assert_close(head(features).box_reg[1], torch.relu(2.0 * raw))
+
+
+def test_centerness_branch_placement():
+    features = [torch.randn(1, 32, 8, 8), torch.randn(1, 32, 4, 4)]
+    for on_reg, moved, still in ((True, "bbox_tower", "cls_tower"), (False, "cls_tower", "bbox_tower")):
+        head = _head(centerness_on_reg=on_reg)
+        before = head(features).quality_logits[0].clone()
+        with torch.no_grad():
+            getattr(head, still)[0].weight.mul_(3.0)
+        torch.testing.assert_close(head(features).quality_logits[0], before)
+        with torch.no_grad():
+            getattr(head, moved)[0].weight.mul_(3.0)
+        assert not torch.allclose(head(features).quality_logits[0], before)
+
+
+def test_deformable_last_conv_starts_as_a_plain_conv():
+    head = _head(use_deformable=True)
+    deform = head.cls_tower[3]  # second conv of the tower (after conv, GN, ReLU)
+    x = torch.randn(1, 32, 6, 6)
+    expected = torch.nn.functional.conv2d(x, deform.conv.weight, deform.conv.bias, padding=1)
+    torch.testing.assert_close(deform(x), expected, atol=1e-5, rtol=1e-5)
+    assert "cls_tower.3.offset.weight" in head.state_dict()
+
+
+def test_training_step_with_a_zero_box_image(tiny_cfg):
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg)
+    batch = [synthetic_image(), synthetic_image(boxes=[[20, 20, 90, 100]], classes=[2], seed=1)]
+    empty_only = [synthetic_image()]
+    with EventStorage() as storage:
+        losses = model(batch)
+        sum(losses.values()).backward()
+        assert storage.latest()["fcos/num_pos_per_worker"][0] > 0
+        model.zero_grad()
+        losses = model(empty_only)
+        assert losses["loss_fcos_loc"].item() == 0 and losses["loss_fcos_ctr"].item() == 0
+        sum(losses.values()).backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_overfits_one_image(tiny_cfg):
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg)
+    gt_boxes = [[10, 15, 50, 60], [60, 30, 120, 110], [30, 70, 70, 100]]
+    gt_classes = [0, 1, 2]
+    batch = [synthetic_image(boxes=gt_boxes, classes=gt_classes)]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    with EventStorage():
+        for _ in range(120):
+            loss = sum(model(batch).values())
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        detections = model(batch)[0]["instances"]
+    top = detections[detections.scores > 0.5]
+    assert len(top) == 3
+    iou = pairwise_iou(Boxes(torch.tensor(gt_boxes, dtype=torch.float32)), top.pred_boxes)
+    best_iou, best = iou.max(dim=1)
+    assert (best_iou > 0.8).all(), best_iou
+    assert top.pred_classes[best].tolist() == gt_classes
