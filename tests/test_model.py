@@ -171,3 +171,42 @@ def test_overfits_one_image(tiny_cfg):
     best_iou, best = iou.max(dim=1)
     assert (best_iou > 0.8).all(), best_iou
     assert top.pred_classes[best].tolist() == gt_classes
+
+
+def test_builds_from_lazy_config_keyword_arguments():
+    """The same modules build without yacs: LazyCall + instantiate, as in Detectron2's LazyConfig."""
+    from detectron2.config import LazyCall as L
+    from detectron2.config import instantiate
+    from detectron2.layers import ShapeSpec
+    from detectron2.modeling.backbone import BasicStem, ResNet
+    from detectron2.modeling.backbone.fpn import FPN, LastLevelP6P7
+
+    from fcos_d2.modeling import FCOS, FCOSLoss, FCOSPostProcessor, FCOSTargetAssigner
+
+    strides = [8, 16, 32, 64, 128]
+    lazy = L(FCOS)(
+        backbone=L(FPN)(
+            bottom_up=L(ResNet)(
+                stem=L(BasicStem)(in_channels=3, out_channels=64, norm="BN"),
+                stages=L(ResNet.make_default_stages)(depth=18, norm="BN"),
+                out_features=["res3", "res4", "res5"],
+            ),
+            in_features=["res3", "res4", "res5"],
+            out_channels=64,
+            top_block=L(LastLevelP6P7)(in_channels=64, out_channels=64, in_feature="p5"),
+        ),
+        head=L(FCOSHead)(input_shape=[ShapeSpec(channels=64, stride=s) for s in strides], num_classes=3),
+        head_in_features=["p3", "p4", "p5", "p6", "p7"],
+        strides=strides,
+        target_assigner=L(FCOSTargetAssigner)(
+            strides=strides, sizes_of_interest=[64, 128, 256, 512], num_classes=3
+        ),
+        loss=L(FCOSLoss)(num_classes=3),
+        postprocessor=L(FCOSPostProcessor)(strides=strides),
+        pixel_mean=[103.53, 116.28, 123.675],
+        pixel_std=[1.0, 1.0, 1.0],
+    )
+    model = instantiate(lazy)
+    with EventStorage():
+        losses = model([synthetic_image(boxes=[[10, 10, 80, 90]], classes=[1])])
+    assert set(losses) == {"loss_fcos_cls", "loss_fcos_loc", "loss_fcos_ctr"}
