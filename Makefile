@@ -13,8 +13,15 @@ test: setup
 	@$(PYTHON) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "ERROR: pytest collected no tests" >&2; fi; exit $$rc
 
+QUICKSTART_CONFIG ?= configs/quickstart/FCOS_R_18_shapes.yaml
+QUICKSTART_OUTPUT ?= output/quickstart/FCOS_R_18_shapes
+
+# Train on the embedded shapes dataset, evaluate on its val split, draw predictions on val images.
 quickstart: setup
-	$(PYTHON) scripts/quickstart.py
+	$(PYTHON) train_net.py --config-file $(QUICKSTART_CONFIG) OUTPUT_DIR $(QUICKSTART_OUTPUT)
+	$(PYTHON) demo.py --config-file $(QUICKSTART_CONFIG) --dataset shapes_val --max-images 12 \
+		--output $(QUICKSTART_OUTPUT)/predictions MODEL.WEIGHTS $(QUICKSTART_OUTPUT)/model_final.pth
+	@echo "Pictures of predictions: $(QUICKSTART_OUTPUT)/predictions/"
 
 clean-venv:
 	rm -rf $(VENV)

@@ -4,6 +4,7 @@ from .fcos import FCOS
 from .head import FCOSHead
 from .losses import FCOSLoss
 from .postprocess import FCOSPostProcessor
+from .proposal_generator import FCOSProposalGenerator
 from .targets import FCOSTargetAssigner, FCOSTargets, compute_locations
 
 __all__ = [
@@ -11,6 +12,7 @@ __all__ = [
     "FCOSHead",
     "FCOSLoss",
     "FCOSPostProcessor",
+    "FCOSProposalGenerator",
     "FCOSTargetAssigner",
     "FCOSTargets",
     "build_fcos_resnet_fpn_backbone",

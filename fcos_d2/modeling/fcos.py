@@ -21,9 +21,8 @@ from .postprocess import FCOSPostProcessor
 from .targets import FCOSTargetAssigner, compute_locations
 
 
-def head_input_shapes(cfg, backbone: Backbone) -> List[ShapeSpec]:
-    """Shapes of ``MODEL.FCOS.IN_FEATURES``, checked against the backbone and ``FPN_STRIDES``."""
-    shapes = backbone.output_shape()
+def check_in_features(cfg, shapes: Dict[str, ShapeSpec]) -> List[ShapeSpec]:
+    """Shapes of ``MODEL.FCOS.IN_FEATURES`` among ``shapes``, checked against ``FPN_STRIDES``."""
     in_features, strides = cfg.MODEL.FCOS.IN_FEATURES, cfg.MODEL.FCOS.FPN_STRIDES
     missing = [f for f in in_features if f not in shapes]
     if missing:
@@ -77,7 +76,7 @@ class FCOS(DenseDetector):
         backbone = build_backbone(cfg)
         return {
             "backbone": backbone,
-            "head": FCOSHead(cfg, head_input_shapes(cfg, backbone)),
+            "head": FCOSHead(cfg, check_in_features(cfg, backbone.output_shape())),
             "head_in_features": list(cfg.MODEL.FCOS.IN_FEATURES),
             "strides": cfg.MODEL.FCOS.FPN_STRIDES,
             "target_assigner": FCOSTargetAssigner(cfg),

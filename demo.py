@@ -1,0 +1,90 @@
+#!/usr/bin/env python
+"""Run a trained FCOS on images and write them with the detections drawn on.
+
+    python demo.py --config-file CFG --input img.jpg other.png folder/ --output out/ MODEL.WEIGHTS w.pth
+    python demo.py --config-file CFG --dataset shapes_val --max-images 8 --output out/ MODEL.WEIGHTS w.pth
+
+Uses Detectron2's ``DefaultPredictor`` and ``Visualizer``.
+"""
+import argparse
+import sys
+from pathlib import Path
+from typing import List
+
+import cv2
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.engine import DefaultPredictor
+from detectron2.utils.visualizer import Visualizer
+
+from fcos_d2.data.builtin import register_shapes_from_config
+from fcos_d2.engine import build_cfg
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+def collect_inputs(paths: List[str]) -> List[Path]:
+    """Files as given, folders expanded to their images (sorted); missing paths are an error."""
+    files: List[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            files += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise SystemExit(f"demo.py: input {raw!r} does not exist")
+    return files
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--config-file", required=True, metavar="FILE")
+    parser.add_argument("--input", nargs="+", default=[], help="images and/or folders of images")
+    parser.add_argument("--dataset", help="a registered dataset whose images to use instead of --input")
+    parser.add_argument("--max-images", type=int, default=0, help="use only the first N images")
+    parser.add_argument("--output", required=True, help="folder for the annotated images")
+    parser.add_argument("--confidence-threshold", type=float, default=0.5)
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
+    args = parser.parse_args(argv)
+    if bool(args.input) == bool(args.dataset):
+        parser.error("give exactly one of --input and --dataset")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cfg = build_cfg(args.config_file, args.opts)
+    cfg.MODEL.FCOS.INFERENCE_TH_TEST = min(cfg.MODEL.FCOS.INFERENCE_TH_TEST, args.confidence_threshold)
+    cfg.freeze()
+    register_shapes_from_config(cfg)
+    if args.dataset:
+        inputs = [Path(d["file_name"]) for d in DatasetCatalog.get(args.dataset)]
+        metadata = MetadataCatalog.get(args.dataset)
+    else:
+        inputs = collect_inputs(args.input)
+        metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
+    if args.max_images > 0:
+        inputs = inputs[: args.max_images]
+    predictor = DefaultPredictor(cfg)
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    failures = 0
+    for path in inputs:
+        image = cv2.imread(str(path), cv2.IMREAD_COLOR)  # BGR, as DefaultPredictor expects
+        if image is None:
+            print(f"demo.py: cannot read image {path} (missing, not an image, or corrupt); skipped",
+                  file=sys.stderr)
+            failures += 1
+            continue
+        instances = predictor(image)["instances"].to("cpu")
+        instances = instances[instances.scores >= args.confidence_threshold]
+        drawn = Visualizer(image[:, :, ::-1], metadata).draw_instance_predictions(instances)
+        target = output / f"{path.stem}.png"
+        cv2.imwrite(str(target), drawn.get_image()[:, :, ::-1])
+        print(f"{path}: {len(instances)} detections -> {target}")
+    print(f"wrote {len(inputs) - failures} annotated images to {output}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""The embedded "shapes" datasets, registered under stable names from ``DATASETS.SHAPES.*``."""
+from pathlib import Path
+from typing import Dict
+
+from detectron2.config import CfgNode as CN
+from detectron2.utils import comm
+
+from .shapes import ShapesSpec, default_shapes_root, register_shapes_dataset
+
+# Split name -> offset added to DATASETS.SHAPES.SEED, so that train and val never share images.
+SHAPES_SPLITS: Dict[str, int] = {"shapes_train": 0, "shapes_val": 1000}
+
+
+def add_shapes_config(cfg: CN) -> CN:
+    """Add ``DATASETS.SHAPES`` (size and seed of the embedded dataset) to ``cfg``, in place."""
+    if "SHAPES" in cfg.DATASETS:
+        return cfg
+    cfg.DATASETS.SHAPES = CN()
+    shapes = cfg.DATASETS.SHAPES
+    shapes.ROOT = ""  # "" -> $FCOS_D2_DATASETS, else <repository>/datasets
+    shapes.NUM_TRAIN = 512
+    shapes.NUM_VAL = 128
+    shapes.IMAGE_SIZE = [256, 256]  # height, width
+    shapes.MAX_OBJECTS = 8
+    shapes.SEED = 0
+    return cfg
+
+
+def shapes_spec(cfg: CN, split: str) -> ShapesSpec:
+    shapes = cfg.DATASETS.SHAPES
+    return ShapesSpec(
+        num_images=shapes.NUM_TRAIN if split == "shapes_train" else shapes.NUM_VAL,
+        image_size=tuple(shapes.IMAGE_SIZE),
+        max_objects=shapes.MAX_OBJECTS,
+        seed=shapes.SEED + SHAPES_SPLITS[split],
+    )
+
+
+def register_shapes_from_config(cfg: CN) -> None:
+    """Register the shapes splits that ``cfg.DATASETS`` uses, writing their files on first use.
+
+    The local main process generates the files while the others wait, so that several processes
+    never write the same files.
+    """
+    wanted = [name for name in (*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST) if name in SHAPES_SPLITS]
+    if not wanted:
+        return
+    root = Path(cfg.DATASETS.SHAPES.ROOT) if cfg.DATASETS.SHAPES.ROOT else default_shapes_root()
+    names = list(dict.fromkeys(wanted))
+    if comm.get_local_rank() == 0:
+        for name in names:
+            register_shapes_dataset(name, shapes_spec(cfg, name), root)
+    comm.synchronize()
+    if comm.get_local_rank() != 0:
+        for name in names:
+            register_shapes_dataset(name, shapes_spec(cfg, name), root)

@@ -1,0 +1,98 @@
+"""Training and evaluation in the Detectron2 style: ``DefaultTrainer`` + ``COCOEvaluator``.
+
+Everything here is Detectron2's own machinery; this module adds the FCOS/dataset config keys, a
+CPU fallback, and multi-process training on CPUs (Gloo), which Detectron2's ``create_ddp_model``
+breaks by passing ``device_ids`` (CPU DistributedDataParallel rejects them).
+"""
+import contextlib
+import logging
+import os
+from typing import Any, Dict, Iterator
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import CfgNode, get_cfg
+from detectron2.engine import DefaultTrainer, default_setup
+from detectron2.engine import defaults as d2_defaults
+from detectron2.evaluation import COCOEvaluator, verify_results
+from detectron2.utils import comm
+
+from .config import add_fcos_config
+from .data.builtin import add_shapes_config, register_shapes_from_config
+
+logger = logging.getLogger("fcos_d2")
+
+
+@contextlib.contextmanager
+def cpu_friendly_ddp() -> Iterator[None]:
+    """While active, Detectron2's ``create_ddp_model`` omits ``device_ids`` for CPU models."""
+    original = d2_defaults.create_ddp_model
+
+    def create_ddp_model(model, **kwargs):
+        if comm.get_world_size() > 1 and next(model.parameters()).device.type == "cpu":
+            kwargs.setdefault("device_ids", None)
+        return original(model, **kwargs)
+
+    d2_defaults.create_ddp_model = create_ddp_model
+    try:
+        yield
+    finally:
+        d2_defaults.create_ddp_model = original
+
+
+class Trainer(DefaultTrainer):
+    """Detectron2's ``DefaultTrainer`` with COCO evaluation and CPU multi-process support."""
+
+    def __init__(self, cfg: CfgNode):
+        with cpu_friendly_ddp():
+            super().__init__(cfg)
+
+    @classmethod
+    def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str = None):
+        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        return COCOEvaluator(dataset_name, output_dir=output_folder)
+
+
+def build_cfg(config_file: str = "", opts: list = ()) -> CfgNode:
+    """Detectron2 defaults + FCOS + shapes keys, merged with a YAML file and ``KEY VALUE`` overrides."""
+    cfg = get_cfg()
+    add_fcos_config(cfg)
+    add_shapes_config(cfg)
+    if config_file:
+        cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        logger.warning("MODEL.DEVICE=%s but CUDA is not available: using the CPU", cfg.MODEL.DEVICE)
+        cfg.MODEL.DEVICE = "cpu"
+    return cfg
+
+
+def setup(args) -> CfgNode:
+    """Config, logging and the embedded datasets for one worker process."""
+    cfg = build_cfg(args.config_file, args.opts)
+    cfg.freeze()
+    default_setup(cfg, args)
+    if cfg.MODEL.DEVICE == "cpu" and comm.get_local_size() > 1:
+        # Processes share the machine's cores; oversubscription only slows every one of them.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // comm.get_local_size()))
+    register_shapes_from_config(cfg)
+    return cfg
+
+
+def main(args) -> Dict[str, Any]:
+    """``train_net.py``'s body: train (optionally resuming) then evaluate, or only evaluate."""
+    cfg = setup(args)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
+        results = Trainer.test(cfg, model)
+        if comm.is_main_process():
+            verify_results(cfg, results)
+        return results
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    trainer.train()
+    # DefaultTrainer's EvalHook always evaluates once at the end of training.
+    return getattr(trainer, "_last_eval_results", {})

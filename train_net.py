@@ -1,0 +1,36 @@
+#!/usr/bin/env python
+"""Train and evaluate FCOS with Detectron2, exactly like Detectron2's own tools/train_net.py.
+
+    python train_net.py --config-file configs/quickstart/FCOS_R_18_shapes.yaml
+    python train_net.py --config-file CFG --eval-only MODEL.WEIGHTS output/.../model_final.pth
+    python train_net.py --config-file CFG --num-gpus 2      # 2 processes (GPUs, or CPUs via Gloo)
+    python train_net.py --config-file CFG --num-machines 2 --machine-rank 0 --dist-url tcp://HOST:PORT
+"""
+from detectron2.engine import default_argument_parser, launch
+from detectron2.evaluation import print_csv_format
+from detectron2.utils import comm
+
+from fcos_d2.engine import main
+
+
+def run(args) -> None:
+    results = main(args)
+    if comm.is_main_process() and results:
+        # Trainer.test returns {task: metrics} for one test set, {dataset: {task: metrics}} for more.
+        per_dataset = results if "bbox" not in results else {"": results}
+        for dataset, metrics in per_dataset.items():
+            print(f"\nFinal evaluation {dataset}".rstrip() + ":")
+            print_csv_format(metrics)
+
+
+if __name__ == "__main__":
+    args = default_argument_parser().parse_args()
+    print("Command Line Args:", args)
+    launch(
+        run,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
