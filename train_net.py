@@ -7,7 +7,6 @@
     python train_net.py --config-file CFG --num-machines 2 --machine-rank 0 --dist-url tcp://HOST:PORT
 """
 from detectron2.engine import default_argument_parser, launch
-from detectron2.evaluation import print_csv_format
 from detectron2.utils import comm
 
 from fcos_d2.engine import main
@@ -17,10 +16,12 @@ def run(args) -> None:
     results = main(args)
     if comm.is_main_process() and results:
         # Trainer.test returns {task: metrics} for one test set, {dataset: {task: metrics}} for more.
-        per_dataset = results if "bbox" not in results else {"": results}
-        for dataset, metrics in per_dataset.items():
-            print(f"\nFinal evaluation {dataset}".rstrip() + ":")
-            print_csv_format(metrics)
+        one_dataset = all(not isinstance(v, dict) for task in results.values() for v in task.values())
+        per_dataset = {"": results} if one_dataset else results
+        for dataset, tasks in per_dataset.items():
+            for task, metrics in tasks.items():
+                print(f"\nFinal evaluation {dataset} [{task}]:".replace("  ", " "))
+                print(" | ".join(f"{k} {v:.1f}" for k, v in metrics.items() if "-" not in k))
 
 
 if __name__ == "__main__":

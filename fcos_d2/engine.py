@@ -14,6 +14,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
 from detectron2.engine import DefaultTrainer, default_setup
 from detectron2.engine import defaults as d2_defaults
+from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.evaluation import COCOEvaluator, verify_results
 from detectron2.utils import comm
 
@@ -48,6 +49,23 @@ class Trainer(DefaultTrainer):
             super().__init__(cfg)
 
     @classmethod
+    def build_optimizer(cls, cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimizer:
+        """Detectron2's SGD, or AdamW with ``SOLVER.OPTIMIZER: ADAMW`` (same parameter groups)."""
+        if cfg.SOLVER.OPTIMIZER == "SGD":
+            return super().build_optimizer(cfg, model)
+        if cfg.SOLVER.OPTIMIZER != "ADAMW":
+            raise ValueError(f"SOLVER.OPTIMIZER must be SGD or ADAMW, got {cfg.SOLVER.OPTIMIZER!r}")
+        params = get_default_optimizer_params(
+            model,
+            base_lr=cfg.SOLVER.BASE_LR,
+            weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
+            bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
+            weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
+        )
+        adamw = torch.optim.AdamW(params, lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY)
+        return maybe_add_gradient_clipping(cfg, adamw)
+
+    @classmethod
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str = None):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         return COCOEvaluator(dataset_name, output_dir=output_folder)
@@ -58,6 +76,7 @@ def build_cfg(config_file: str = "", opts: list = ()) -> CfgNode:
     cfg = get_cfg()
     add_fcos_config(cfg)
     add_shapes_config(cfg)
+    cfg.SOLVER.OPTIMIZER = "SGD"  # or "ADAMW" (see Trainer.build_optimizer)
     if config_file:
         cfg.merge_from_file(config_file)
     cfg.merge_from_list(list(opts))

@@ -4,8 +4,11 @@ Generated locally, deterministically from a seed, so the quickstart needs no dow
 numbers are reproducible. The content is chosen so a small FCOS can learn it quickly yet every
 part of the detector gets work:
 
-- five classes told apart by *shape* only: every object gets a random colour (contrasting with
-  what lies under it), so colour carries no class signal;
+- five classes, each drawn in its own band of hues (+-12 degrees around 5 evenly spaced hues,
+  with random saturation and brightness, and contrasting with what lies under it): a small
+  network trained from scratch for a few minutes picks up the colour cue early and the shape
+  (which alone defines the box) as it goes; with random colours the quickstart model reached
+  only ~12 AP in the same budget;
 - the longer box side is log-uniform from ~10 px to 90% of the shorter image side, so every FPN
   level (strides 8..128) gets positives; aspect ratios 1:3..3:1 (1:2..2:1 for crosses and rings);
 - frequent overlaps, also between classes: half of the objects after the first are centred inside
@@ -22,6 +25,7 @@ Image and annotation ids start at 1 (COCOeval reads an annotation id of 0 as "un
 """
 from __future__ import annotations
 
+import colorsys
 import json
 import math
 import os
@@ -36,7 +40,7 @@ SHAPES_CLASSES: tuple[str, ...] = ("rectangle", "ellipse", "triangle", "cross", 
 
 # Part of the cache folder name: bump it whenever a spec would produce other pixels or
 # annotations, so that caches written by an older generator are not reused.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 ANNOTATIONS_FILE = "annotations.json"
 IMAGES_FOLDER = "images"
 
@@ -51,6 +55,7 @@ MAX_PLACEMENT_TRIES = 10
 MAX_OUTSIDE_FRACTION = 0.25  # an object may stick out of the image by this share of its box side
 MIN_COLOUR_DISTANCE = 100.0  # Euclidean RGB distance to each region the object covers
 MAX_COLOUR_TRIES = 20
+HUE_JITTER = 12 / 360  # half-width of each class's hue band, as a fraction of the hue circle
 OUTLINE_PROBABILITY = 0.5
 OUTLINE_DARKENING = 0.55
 NOISE_SIGMA = 4.0
@@ -319,10 +324,21 @@ def _tight_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
     return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
 
 
+def _class_colour(rng: np.random.Generator, class_index: int) -> np.ndarray:
+    """RGB in [0, 255] from the class's hue band, with random saturation and brightness."""
+    hue = (class_index / len(SHAPES_CLASSES) + rng.uniform(-HUE_JITTER, HUE_JITTER)) % 1.0
+    rgb = colorsys.hsv_to_rgb(hue, rng.uniform(0.55, 1.0), rng.uniform(0.45, 1.0))
+    return np.asarray(rgb, dtype=np.float32) * 255
+
+
 def _contrasting_colour(
-    rng: np.random.Generator, canvas: np.ndarray, owner: np.ndarray, covered: np.ndarray
+    rng: np.random.Generator,
+    canvas: np.ndarray,
+    owner: np.ndarray,
+    covered: np.ndarray,
+    class_index: int,
 ) -> np.ndarray:
-    """A random colour far from the mean colour of each region (background, objects) it covers."""
+    """A class colour far from the mean colour of each region (background, objects) it covers."""
     labels = owner[covered] + 1  # 0: background
     pixels = canvas[covered]
     counts = np.bincount(labels)
@@ -333,7 +349,7 @@ def _contrasting_colour(
     )
     best, best_distance = None, -1.0
     for _ in range(MAX_COLOUR_TRIES):
-        colour = rng.integers(0, 256, size=3).astype(np.float32)
+        colour = _class_colour(rng, class_index)
         distance = float(np.linalg.norm(means - colour, axis=1).min())
         if distance > best_distance:
             best, best_distance = colour, distance
@@ -395,7 +411,7 @@ def _render_image(
             break
         else:
             continue  # no placement keeps the earlier objects recognisable: drop this one
-        colour = _contrasting_colour(rng, canvas, owner, covered)
+        colour = _contrasting_colour(rng, canvas, owner, covered, class_index)
         canvas[covered] = colour
         if rng.random() < OUTLINE_PROBABILITY:
             outline = covered & ~cv2.erode(mask, np.ones((3, 3), np.uint8)).astype(bool)
