@@ -64,6 +64,10 @@ def add_fcos_config(cfg: CN) -> CN:
     # ours: box loss weighted by the center-ness targets and normalized by their sum ("ctrness",
     # improved) or unweighted and normalized by the number of positives ("none", eq. (2)).
     fcos.REG_LOSS_WEIGHTING = "ctrness"
+    # ours: what multiplies the class score at inference (Table 4 and arXiv Sec. 4.1.2): "branch"
+    # (the center-ness or IoU branch), "none", "from_regression" (center-ness of the predicted
+    # l,t,r,b) or "oracle" (ground-truth center-ness of each location; needs annotated inputs).
+    fcos.INFERENCE_QUALITY = "branch"
     # ours: cap on (locations x boxes) elements evaluated at once by target assignment, which keeps
     # memory bounded for images with thousands of boxes.
     fcos.TARGETS_MAX_PAIRS_PER_CHUNK = 1 << 22

@@ -12,6 +12,8 @@ from typing import Any, Dict, Iterator
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
+from detectron2.data import DatasetMapper, build_detection_test_loader
+from detectron2.data import detection_utils
 from detectron2.engine import DefaultTrainer, default_setup
 from detectron2.engine import defaults as d2_defaults
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
@@ -64,6 +66,18 @@ class Trainer(DefaultTrainer):
         )
         adamw = torch.optim.AdamW(params, lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY)
         return maybe_add_gradient_clipping(cfg, adamw)
+
+    @classmethod
+    def build_test_loader(cls, cfg: CfgNode, dataset_name: str):
+        """Detectron2's test loader; it keeps the annotations for the oracle center-ness ablation."""
+        if cfg.MODEL.META_ARCHITECTURE != "FCOS" or cfg.MODEL.FCOS.INFERENCE_QUALITY != "oracle":
+            return super().build_test_loader(cfg, dataset_name)
+        mapper = DatasetMapper(
+            is_train=True,  # the only mode in which DatasetMapper keeps (and resizes) annotations
+            augmentations=detection_utils.build_augmentation(cfg, is_train=False),
+            image_format=cfg.INPUT.FORMAT,
+        )
+        return build_detection_test_loader(cfg, dataset_name, mapper=mapper)
 
     @classmethod
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str = None):

@@ -1,7 +1,12 @@
+import argparse
 import os
+from pathlib import Path
 
 import pytest
 import torch
+
+QUICKSTART = "configs/quickstart/FCOS_R_18_shapes.yaml"
+SHAPES_ROOT = None  # set by the shapes_root fixture
 
 # Two cores on CI: more threads only oversubscribe.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -50,3 +55,42 @@ def synthetic_image(height=128, width=128, boxes=(), classes=(), seed=0):
         gt_classes=torch.tensor(classes, dtype=torch.long),
     )
     return {"image": image, "instances": instances, "height": height, "width": width}
+
+
+@pytest.fixture(scope="session")
+def shapes_root(tmp_path_factory):
+    """One dataset folder per session: a registered name must keep pointing at the same files."""
+    global SHAPES_ROOT
+    SHAPES_ROOT = tmp_path_factory.mktemp("datasets")
+    return SHAPES_ROOT
+
+
+def tiny_opts(tmp_path: Path, max_iter: int, **extra) -> list:
+    """Quickstart config shrunk to seconds: 128x128 images, 16 train / 8 val, narrow FPN."""
+    assert SHAPES_ROOT is not None, "request the shapes_root fixture before calling tiny_opts"
+    opts = {
+        "OUTPUT_DIR": str(tmp_path / "out"),
+        "DATASETS.SHAPES.ROOT": str(SHAPES_ROOT),
+        "DATASETS.SHAPES.NUM_TRAIN": 16,
+        "DATASETS.SHAPES.NUM_VAL": 8,
+        "DATASETS.SHAPES.IMAGE_SIZE": [128, 128],
+        "INPUT.MIN_SIZE_TRAIN": (128,),
+        "INPUT.MAX_SIZE_TRAIN": 128,
+        "INPUT.MIN_SIZE_TEST": 128,
+        "INPUT.MAX_SIZE_TEST": 128,
+        "MODEL.FPN.OUT_CHANNELS": 64,
+        "SOLVER.IMS_PER_BATCH": 4,
+        "SOLVER.MAX_ITER": max_iter,
+        "SOLVER.WARMUP_ITERS": 1,
+        "SOLVER.STEPS": (max(1, max_iter - 2),),
+        "DATALOADER.NUM_WORKERS": 0,
+        "MODEL.DEVICE": "cpu",
+        **extra,
+    }
+    return [str(v) if not isinstance(v, str) else v for kv in opts.items() for v in kv]
+
+
+def args_for(opts: list, **kw) -> argparse.Namespace:
+    defaults = dict(config_file=QUICKSTART, resume=False, eval_only=False, num_gpus=1,
+                    num_machines=1, machine_rank=0, dist_url="auto", opts=opts)
+    return argparse.Namespace(**{**defaults, **kw})

@@ -1,5 +1,4 @@
 """The main job: train, evaluate, resume, multi-process training on CPUs, predict."""
-import argparse
 import json
 import math
 import os
@@ -9,52 +8,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from conftest import QUICKSTART, args_for, tiny_opts
 from detectron2.engine import DefaultPredictor, launch
 from detectron2.utils import comm
 
 from fcos_d2.engine import Trainer, build_cfg, main, setup
 
-QUICKSTART = "configs/quickstart/FCOS_R_18_shapes.yaml"
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def shapes_root(tmp_path_factory):
-    """One dataset folder for the module: a registered name must keep pointing at the same files."""
-    global SHAPES_ROOT
-    SHAPES_ROOT = tmp_path_factory.mktemp("datasets")
-    return SHAPES_ROOT
-
-
-def tiny_opts(tmp_path: Path, max_iter: int, **extra) -> list:
-    """Quickstart config shrunk to seconds: 128x128 images, 16 train / 8 val, narrow FPN."""
-    opts = {
-        "OUTPUT_DIR": str(tmp_path / "out"),
-        "DATASETS.SHAPES.ROOT": str(SHAPES_ROOT),
-        "DATASETS.SHAPES.NUM_TRAIN": 16,
-        "DATASETS.SHAPES.NUM_VAL": 8,
-        "DATASETS.SHAPES.IMAGE_SIZE": [128, 128],
-        "INPUT.MIN_SIZE_TRAIN": (128,),
-        "INPUT.MAX_SIZE_TRAIN": 128,
-        "INPUT.MIN_SIZE_TEST": 128,
-        "INPUT.MAX_SIZE_TEST": 128,
-        "MODEL.FPN.OUT_CHANNELS": 64,
-        "SOLVER.IMS_PER_BATCH": 4,
-        "SOLVER.MAX_ITER": max_iter,
-        "SOLVER.WARMUP_ITERS": 1,
-        "SOLVER.STEPS": (max(1, max_iter - 2),),
-        "DATALOADER.NUM_WORKERS": 0,
-        "MODEL.DEVICE": "cpu",
-        **extra,
-    }
-    return [str(v) if not isinstance(v, str) else v for kv in opts.items() for v in kv]
-
-
-def args_for(opts: list, **kw) -> argparse.Namespace:
-    defaults = dict(config_file=QUICKSTART, resume=False, eval_only=False, num_gpus=1,
-                    num_machines=1, machine_rank=0, dist_url="auto", opts=opts)
-    return argparse.Namespace(**{**defaults, **kw})
+@pytest.fixture(autouse=True)
+def _datasets(shapes_root):
+    """Every test of this module trains on the session's shared tiny shapes dataset."""
 
 
 def read_metrics(output_dir: Path) -> list:

@@ -2,7 +2,7 @@
 import pytest
 import torch
 from conftest import synthetic_image
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import DatasetCatalog
 from detectron2.evaluation import COCOEvaluator, inference_on_dataset
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, ImageList, Instances, pairwise_iou

@@ -21,7 +21,7 @@ def add_shapes_config(cfg: CN) -> CN:
     shapes.NUM_TRAIN = 512
     shapes.NUM_VAL = 128
     shapes.IMAGE_SIZE = [256, 256]  # height, width
-    shapes.MAX_OBJECTS = 8
+    shapes.MAX_OBJECTS = 6
     shapes.SEED = 0
     return cfg
 

@@ -4,7 +4,7 @@ Detectron2's :class:`DenseDetector` supplies image preprocessing, the forward sk
 resize of detections to the requested output size; this class wires in the FCOS head, target
 assignment, losses and post-processing.
 """
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from detectron2.config import configurable
@@ -18,7 +18,9 @@ from torch import Tensor
 from .head import FCOSHead, FCOSHeadOutputs
 from .losses import FCOSLoss
 from .postprocess import FCOSPostProcessor
-from .targets import FCOSTargetAssigner, compute_locations
+from .targets import FCOSTargetAssigner, centerness_from_ltrb, compute_locations
+
+INFERENCE_QUALITIES = ("branch", "none", "from_regression", "oracle")
 
 
 def check_in_features(cfg, shapes: Dict[str, ShapeSpec]) -> List[ShapeSpec]:
@@ -62,8 +64,21 @@ class FCOS(DenseDetector):
         pixel_mean: Tuple[float, ...],
         pixel_std: Tuple[float, ...],
         input_format: str = "BGR",
+        inference_quality: str = "branch",
     ):
+        """
+        Args:
+            inference_quality: what multiplies the class score at inference (Table 4, arXiv Sec.
+                4.1.2): the quality branch, nothing, the center-ness of the predicted (l,t,r,b), or
+                the ground-truth center-ness of each location (needs annotated inputs).
+        """
         super().__init__(backbone, head, head_in_features, pixel_mean=pixel_mean, pixel_std=pixel_std)
+        if inference_quality not in INFERENCE_QUALITIES:
+            raise ValueError(
+                f"MODEL.FCOS.INFERENCE_QUALITY must be one of {INFERENCE_QUALITIES}, got {inference_quality!r}"
+            )
+        self.inference_quality = inference_quality
+        self._oracle_instances: Optional[List[Instances]] = None
         self.strides = list(strides)
         self.target_assigner = target_assigner
         self.loss = loss
@@ -85,7 +100,22 @@ class FCOS(DenseDetector):
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "input_format": cfg.INPUT.FORMAT,
+            "inference_quality": cfg.MODEL.FCOS.INFERENCE_QUALITY,
         }
+
+    def forward(self, batched_inputs: List[Dict[str, Tensor]]):
+        if not self.training and self.inference_quality == "oracle":
+            if "instances" not in batched_inputs[0]:
+                raise ValueError(
+                    "MODEL.FCOS.INFERENCE_QUALITY=oracle needs the annotations at inference: each "
+                    "input needs 'instances' (train_net.py's test loader keeps them in this mode)"
+                )
+            # DenseDetector.forward does not pass the inputs on to forward_inference.
+            self._oracle_instances = [x["instances"].to(self.device) for x in batched_inputs]
+        try:
+            return super().forward(batched_inputs)
+        finally:
+            self._oracle_instances = None
 
     def locations(self, features: List[Tensor]) -> List[Tensor]:
         return compute_locations([f.shape[-2:] for f in features], self.strides, features[0].device)
@@ -113,7 +143,22 @@ class FCOS(DenseDetector):
     ) -> List[Instances]:
         cls_probs = [permute_to_N_HWA_K(x, self.num_classes).sigmoid() for x in predictions.cls_logits]
         box_reg = [permute_to_N_HWA_K(x, 4) for x in predictions.box_reg]
-        quality = [permute_to_N_HWA_K(x, 1).squeeze(2).sigmoid() for x in predictions.quality_logits]
-        return self.postprocessor(
-            self.locations(features), cls_probs, box_reg, quality, images.image_sizes
-        )
+        locations = self.locations(features)
+        quality = self.inference_quality_maps(predictions, box_reg, locations)
+        return self.postprocessor(locations, cls_probs, box_reg, quality, images.image_sizes)
+
+    def inference_quality_maps(
+        self, predictions: FCOSHeadOutputs, box_reg: List[Tensor], locations: List[Tensor]
+    ) -> List[Tensor]:
+        """Per level (N, HW_i) quality in [0, 1] that multiplies the class score."""
+        if self.inference_quality == "branch":
+            return [permute_to_N_HWA_K(x, 1).squeeze(2).sigmoid() for x in predictions.quality_logits]
+        if self.inference_quality == "none":
+            return [torch.ones_like(x[..., 0]) for x in box_reg]
+        if self.inference_quality == "from_regression":
+            # Predicted distances can be 0 (relu): treat 0/0 as a center-ness of 0.
+            return [torch.nan_to_num(centerness_from_ltrb(x), nan=0.0) for x in box_reg]
+        targets = self.target_assigner(locations, self._oracle_instances)
+        # Background targets are all 0: their 0/0 center-ness becomes 0.
+        oracle = torch.nan_to_num(centerness_from_ltrb(targets.reg_targets), nan=0.0)
+        return list(oracle.split([len(x) for x in locations], dim=1))

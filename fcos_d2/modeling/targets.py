@@ -122,18 +122,7 @@ class FCOSTargetAssigner:
             locations: per level, (H_i * W_i, 2) image coordinates from :func:`compute_locations`.
             gt_instances: per image, with ``gt_boxes``, ``gt_classes`` and optionally ``gt_is_crowd``.
         """
-        points = torch.cat(locations, dim=0)
-        per_level = [len(loc) for loc in locations]
-        device = points.device
-        strides = torch.repeat_interleave(
-            torch.tensor(self.strides, dtype=points.dtype, device=device),
-            torch.tensor(per_level, device=device),
-        )
-        size_ranges = torch.repeat_interleave(
-            torch.tensor(self.size_ranges, dtype=points.dtype, device=device),
-            torch.tensor(per_level, device=device),
-            dim=0,
-        )
+        points, strides, size_ranges = self.flatten_levels(locations)
         labels, reg_targets, matched = [], [], []
         for instances in gt_instances:
             boxes = instances.gt_boxes.tensor.to(points.dtype)
@@ -153,6 +142,18 @@ class FCOSTargetAssigner:
             reg_targets.append(ltrb * is_fg[:, None])
             matched.append(matched_gt)
         return FCOSTargets(torch.stack(labels), torch.stack(reg_targets), torch.stack(matched))
+
+    def flatten_levels(self, locations: List[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+        """All levels' points (L, 2) with each point's stride (L,) and size range (L, 2)."""
+        points = torch.cat(locations, dim=0)
+        per_level = torch.tensor([len(loc) for loc in locations], device=points.device)
+        strides = torch.tensor(self.strides[: len(locations)], dtype=points.dtype, device=points.device)
+        size_ranges = torch.tensor(self.size_ranges[: len(locations)], dtype=points.dtype, device=points.device)
+        return (
+            points,
+            torch.repeat_interleave(strides, per_level),
+            torch.repeat_interleave(size_ranges, per_level, dim=0),
+        )
 
     def candidates(
         self,

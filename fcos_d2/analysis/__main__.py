@@ -1,0 +1,199 @@
+"""``python -m fcos_d2.analysis <command> --config-file CFG [--dataset NAME] [KEY VALUE ...]``
+
+Commands (each writes ``<command>.json`` and, where it has a figure, ``<command>.png`` to
+``--output``, default ``<OUTPUT_DIR>/analysis``, and prints a short table):
+
+* ``bpr``: best possible recall of FCOS with FPN, FCOS on P4 only, and RetinaNet's anchors under
+  three matching rules (Table 1).
+* ``ambiguity``: share of ambiguous positive locations, with and without FPN (Table 2), and
+  positive / total training samples per image against RetinaNet (arXiv Table 4).
+* ``centerness``: classification score vs IoU of detections before NMS, without and with
+  center-ness (Fig. 7); needs ``MODEL.WEIGHTS``.
+* ``pr-curves``: class-agnostic precision-recall curves at IoU 0.50 / 0.75 / 0.90 and their APs
+  (Table 7, Figs. 4-6); needs ``MODEL.WEIGHTS``.
+
+Box sizes are those the network sees: images resized by the config's test-time resize (or
+train-time, ``--input-size train``). Inference-time center-ness ablations (Table 4) are config
+switches instead: ``MODEL.FCOS.INFERENCE_QUALITY branch|none|from_regression|oracle`` with
+``train_net.py --eval-only``.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
+from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
+from detectron2.modeling import build_model  # noqa: E402
+from pycocotools.coco import COCO  # noqa: E402
+
+from ..data.builtin import register_shapes_from_config  # noqa: E402
+from ..engine import Trainer, build_cfg  # noqa: E402
+from ..modeling.targets import FCOSTargetAssigner  # noqa: E402
+from .assignment import (  # noqa: E402
+    RETINANET_RULES,
+    fcos_assignment_stats,
+    ground_truth_at_input_size,
+    retinanet_assignment_stats,
+)
+from .detections import (  # noqa: E402
+    class_agnostic_pr,
+    coco_detections,
+    low_quality_share,
+    score_iou_before_nms,
+)
+
+COMMANDS = ("bpr", "ambiguity", "centerness", "pr-curves")
+BPR_COLUMNS = (("bpr", "BPR %"),)
+AMBIGUITY_COLUMNS = (
+    ("ambiguous", "amb. %"),
+    ("ambiguous_diff_class", "amb. diff %"),
+    ("positives_per_image", "pos/img"),
+    ("samples_per_image", "samples/img"),
+)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m fcos_d2.analysis", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=COMMANDS)
+    parser.add_argument("--config-file", required=True, metavar="FILE")
+    parser.add_argument("--dataset", help="registered dataset (default: the first of DATASETS.TEST)")
+    parser.add_argument("--output", help="folder for the JSON and PNG files")
+    parser.add_argument("--input-size", choices=("test", "train"), default="test")
+    parser.add_argument("--max-images", type=int, default=0, help="use only the first N images")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
+    return parser.parse_args(argv)
+
+
+def fcos_without_fpn(cfg) -> FCOSTargetAssigner:
+    """FCOS on P4 alone (stride 16, no size ranges: every box is assigned on that level)."""
+    single = cfg.clone()
+    single.defrost()
+    single.MODEL.FCOS.FPN_STRIDES = [16]
+    single.MODEL.FCOS.SIZES_OF_INTEREST = []
+    return FCOSTargetAssigner(single)
+
+
+def run_assignment(command: str, cfg, records: List[dict], input_size: str) -> Dict:
+    if input_size == "test":
+        min_size, max_size = cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST
+    else:
+        min_size, max_size = max(cfg.INPUT.MIN_SIZE_TRAIN), cfg.INPUT.MAX_SIZE_TRAIN
+    images = ground_truth_at_input_size(records, min_size, max_size)
+    results = {
+        "FCOS (FPN)": fcos_assignment_stats(FCOSTargetAssigner(cfg), images).summary(),
+        "FCOS (P4 only)": fcos_assignment_stats(fcos_without_fpn(cfg), images).summary(),
+    }
+    rules = RETINANET_RULES if command == "bpr" else ("all-low-quality",)
+    for rule in rules:
+        stats = retinanet_assignment_stats(images, rule).summary()
+        # Anchors are not "inside" boxes: Table 2's ambiguity is defined for FCOS locations only.
+        results[f"RetinaNet ({rule})"] = {k: v for k, v in stats.items() if not k.startswith("ambiguous")}
+    columns = BPR_COLUMNS if command == "bpr" else AMBIGUITY_COLUMNS
+    print(f"{'method':<30}" + "".join(f"{title:>14}" for _, title in columns))
+    for method, values in results.items():
+        print(f"{method:<30}" + "".join(f"{values.get(key, float('nan')):>14.2f}" for key, _ in columns))
+    return {"input_size": [min_size, max_size], "num_images": len(images), "results": results}
+
+
+def load_model(cfg):
+    if not cfg.MODEL.WEIGHTS:
+        raise SystemExit("this command needs trained weights: add MODEL.WEIGHTS path/to/model.pth")
+    model = build_model(cfg).eval()
+    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    return model
+
+
+def run_centerness(cfg, dataset: str, max_images: int, output: Path) -> Dict:
+    model = load_model(cfg)
+    annotated = cfg.clone()
+    annotated.defrost()
+    annotated.MODEL.FCOS.INFERENCE_QUALITY = "oracle"  # selects the loader that keeps annotations
+    pairs: Dict[str, Dict[str, List[float]]] = {"without_ctr": {"score": [], "iou": []},
+                                                "with_ctr": {"score": [], "iou": []}}
+    seen = 0
+    with torch.no_grad():
+        for inputs in Trainer.build_test_loader(annotated, dataset):
+            for name, values in score_iou_before_nms(model, inputs).items():
+                pairs[name]["score"] += values["score"]
+                pairs[name]["iou"] += values["iou"]
+            seen += len(inputs)
+            if max_images and seen >= max_images:
+                break
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4.6), sharey=True)
+    summary = {}
+    for axis, (name, title) in zip(axes, (("without_ctr", "without center-ness"),
+                                          ("with_ctr", "with center-ness"))):
+        scores, ious = pairs[name]["score"], pairs[name]["iou"]
+        axis.scatter(scores, ious, s=2, alpha=0.3)
+        axis.plot([0, 1], [0, 1], "r--", linewidth=1)
+        axis.set(title=title, xlabel="score", xlim=(0, 1), ylim=(0, 1))
+        summary[name] = {"detections": len(scores), "low_quality_share_top10pct": low_quality_share(scores, ious)}
+    axes[0].set_ylabel("IoU with the best-matching GT box")
+    figure.tight_layout()
+    figure.savefig(output / "centerness.png", dpi=120)
+    plt.close(figure)
+    for name, values in summary.items():
+        print(f"{name:<12} detections {values['detections']:>7}   "
+              f"IoU<0.5 among the top 10% by score: {100 * values['low_quality_share_top10pct']:.1f}%")
+    return {"num_images": seen, "summary": summary, "pairs": pairs}
+
+
+def run_pr_curves(cfg, dataset: str, max_images: int, output: Path) -> Dict:
+    model = load_model(cfg)
+    detections = coco_detections(model, Trainer.build_test_loader(cfg, dataset), max_images)
+    coco_gt = COCO(MetadataCatalog.get(dataset).json_file)
+    if max_images:
+        coco_gt.imgs = {i: coco_gt.imgs[i] for i in sorted({d["image_id"] for d in detections})}
+    curves = class_agnostic_pr(coco_gt, detections)
+    figure, axis = plt.subplots(figsize=(5.5, 4.6))
+    for iou, curve in curves.items():
+        pairs = [(r, p) for r, p in zip(curve["recall"], curve["precision"]) if p > -1]
+        axis.plot([r for r, _ in pairs], [p for _, p in pairs], label=f"IoU {iou}: AP {100 * curve['ap']:.1f}")
+    axis.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.01),
+             title="class-agnostic precision-recall")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(output / "pr-curves.png", dpi=120)
+    plt.close(figure)
+    for iou, curve in curves.items():
+        print(f"IoU {iou}: class-agnostic AP {100 * curve['ap']:.2f}")
+    return curves
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cfg = build_cfg(args.config_file, args.opts)
+    dataset = args.dataset or (cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else None)
+    if not dataset:
+        raise SystemExit("no dataset: pass --dataset NAME or set DATASETS.TEST in the config")
+    cfg.DATASETS.TEST = (dataset,)
+    cfg.freeze()
+    register_shapes_from_config(cfg)
+    if dataset not in DatasetCatalog.list():
+        raise SystemExit(f"dataset {dataset!r} is not registered (known: {sorted(DatasetCatalog.list())[:8]}...)")
+    output = Path(args.output or Path(cfg.OUTPUT_DIR) / "analysis")
+    output.mkdir(parents=True, exist_ok=True)
+    if args.command in ("bpr", "ambiguity"):
+        records = DatasetCatalog.get(dataset)
+        records = records[: args.max_images] if args.max_images else records
+        result = run_assignment(args.command, cfg, records, args.input_size)
+    elif args.command == "centerness":
+        result = run_centerness(cfg, dataset, args.max_images, output)
+    else:
+        result = run_pr_curves(cfg, dataset, args.max_images, output)
+    target = output / f"{args.command}.json"
+    target.write_text(json.dumps(result, indent=1))
+    print(f"wrote {target}" + (f" and {target.with_suffix('.png')}" if args.command in COMMANDS[2:] else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

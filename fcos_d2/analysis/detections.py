@@ -1,0 +1,114 @@
+"""Analyses of a trained model's detections: class-agnostic precision-recall curves at IoU 0.50,
+0.75 and 0.90 (appendix, Table 7 / Figs. 4-6) and classification score vs IoU before NMS, without
+and with center-ness (appendix Sec. 8, Fig. 7).
+"""
+import contextlib
+import copy
+import io
+from typing import Dict, Iterable, List, Sequence
+
+import numpy as np
+import torch
+from detectron2.evaluation.coco_evaluation import instances_to_coco_json
+from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
+from detectron2.structures import pairwise_iou
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from torch import Tensor
+
+from ..modeling.fcos import FCOS
+from ..modeling.postprocess import FCOSPostProcessor
+
+PR_IOUS = (0.50, 0.75, 0.90)
+
+
+def class_agnostic_pr(coco_gt: COCO, detections: List[dict], ious: Sequence[float] = PR_IOUS):
+    """COCOeval with categories ignored: per IoU, the 101-point recall grid, the interpolated
+    precision at each point (-1 where the recall is not reached) and the AP (all areas, 100
+    detections per image)."""
+    if not detections:
+        raise ValueError("no detections to evaluate")
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_dt = coco_gt.loadRes(copy.deepcopy(detections))
+        evaluation = COCOeval(coco_gt, coco_dt, "bbox")
+        evaluation.params.useCats = 0
+        evaluation.params.iouThrs = np.asarray(ious, dtype=np.float64)
+        evaluation.evaluate()
+        evaluation.accumulate()
+    recall = evaluation.params.recThrs
+    curves = {}
+    for t, iou in enumerate(ious):
+        precision = evaluation.eval["precision"][t, :, 0, 0, -1]
+        valid = precision > -1
+        curves[f"{iou:.2f}"] = {
+            "recall": recall.tolist(),
+            "precision": precision.tolist(),
+            "ap": float(precision[valid].mean()) if valid.any() else float("nan"),
+        }
+    return curves
+
+
+def coco_detections(model: FCOS, loader: Iterable, max_images: int = 0) -> List[dict]:
+    """Run ``model`` over ``loader`` and return its detections in COCO json form."""
+    results: List[dict] = []
+    seen = 0
+    with torch.no_grad():
+        for inputs in loader:
+            for record, output in zip(inputs, model(inputs)):
+                results += instances_to_coco_json(output["instances"].to("cpu"), record["image_id"])
+                seen += 1
+            if max_images and seen >= max_images:
+                break
+    return results
+
+
+def score_iou_before_nms(model: FCOS, inputs: List[dict]) -> Dict[str, Dict[str, List[float]]]:
+    """Every detection that survives the score threshold and the per-level top-k, before NMS, as
+    (score, IoU with its best-matching GT box): scored by the class probability alone
+    ("without_ctr") and by class probability x center-ness ("with_ctr")."""
+    images = model.preprocess_image(inputs)
+    features = model.backbone(images.tensor)
+    features = [features[f] for f in model.head_in_features]
+    predictions = model.head(features)
+    locations = model.locations(features)
+    cls_probs = [permute_to_N_HWA_K(x, model.num_classes).sigmoid() for x in predictions.cls_logits]
+    box_reg = [permute_to_N_HWA_K(x, 4) for x in predictions.box_reg]
+    quality = [permute_to_N_HWA_K(x, 1).squeeze(2).sigmoid() for x in predictions.quality_logits]
+    base = model.postprocessor
+    no_nms = FCOSPostProcessor(
+        strides=base.strides,
+        score_threshold=base.score_threshold,
+        pre_nms_topk=base.pre_nms_topk,
+        post_nms_topk=1 << 30,
+        nms_threshold=1.0,  # suppresses nothing: IoU is never above 1
+        thresh_with_quality=base.thresh_with_quality,
+        score_sqrt=False,
+        normalized_reg=base.normalized_reg,
+    )
+    pairs: Dict[str, Dict[str, List[float]]] = {}
+    ones = [torch.ones_like(q) for q in quality]
+    for name, q in (("without_ctr", ones), ("with_ctr", quality)):
+        scores: List[float] = []
+        ious: List[float] = []
+        for record, detections in zip(inputs, no_nms(locations, cls_probs, box_reg, q, images.image_sizes)):
+            gt_boxes = record["instances"].gt_boxes.to(detections.pred_boxes.device)
+            best = _best_iou(gt_boxes, detections.pred_boxes)
+            scores += detections.scores.tolist()
+            ious += best.tolist()
+        pairs[name] = {"score": scores, "iou": ious}
+    return pairs
+
+
+def _best_iou(gt_boxes, pred_boxes) -> Tensor:
+    if len(gt_boxes) == 0:
+        return torch.zeros(len(pred_boxes))
+    return pairwise_iou(pred_boxes, gt_boxes).max(dim=1).values
+
+
+def low_quality_share(scores: Sequence[float], ious: Sequence[float], top_fraction: float = 0.1) -> float:
+    """Share of IoU < 0.5 boxes among the ``top_fraction`` highest-scored detections."""
+    if not scores:
+        return float("nan")
+    order = np.argsort(-np.asarray(scores))
+    top = order[: max(1, int(round(len(order) * top_fraction)))]
+    return float((np.asarray(ious)[top] < 0.5).mean())
