@@ -14,7 +14,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
 from detectron2.data import DatasetMapper, build_detection_test_loader
 from detectron2.data import detection_utils
-from detectron2.engine import DefaultTrainer, default_setup
+from detectron2.engine import DefaultTrainer, SimpleTrainer, default_setup
 from detectron2.engine import defaults as d2_defaults
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.evaluation import COCOEvaluator, verify_results
@@ -43,12 +43,39 @@ def cpu_friendly_ddp() -> Iterator[None]:
         d2_defaults.create_ddp_model = original
 
 
+class CPUAutocastTrainer(SimpleTrainer):
+    """``SimpleTrainer`` whose steps run under CPU bfloat16 autocast.
+
+    Detectron2's ``AMPTrainer`` is CUDA-only (float16 with a gradient scaler); bfloat16 keeps
+    float32's exponent range, so it needs no scaler. On CPUs with AVX512-BF16 or AMX it roughly
+    halves the time of a step; the FCOS losses are computed in float32 regardless.
+    """
+
+    def run_step(self) -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            super().run_step()
+
+
 class Trainer(DefaultTrainer):
-    """Detectron2's ``DefaultTrainer`` with COCO evaluation and CPU multi-process support."""
+    """Detectron2's ``DefaultTrainer`` with COCO evaluation, CPU multi-process training and
+    ``SOLVER.AMP.ENABLED`` meaning bfloat16 autocast on the CPU."""
 
     def __init__(self, cfg: CfgNode):
+        cpu_amp = cfg.SOLVER.AMP.ENABLED and cfg.MODEL.DEVICE == "cpu"
+        base_cfg = cfg
+        if cpu_amp:
+            base_cfg = cfg.clone()
+            base_cfg.defrost()
+            base_cfg.SOLVER.AMP.ENABLED = False  # else DefaultTrainer builds the CUDA-only AMPTrainer
         with cpu_friendly_ddp():
-            super().__init__(cfg)
+            super().__init__(base_cfg)
+        if cpu_amp:
+            # self.cfg is DefaultTrainer's (possibly worker-scaled) copy of base_cfg.
+            self.cfg.defrost()
+            self.cfg.SOLVER.AMP.ENABLED = True
+            self.cfg.freeze()
+            plain = self._trainer
+            self._trainer = CPUAutocastTrainer(plain.model, plain.data_loader, plain.optimizer)
 
     @classmethod
     def build_optimizer(cls, cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimizer:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import QUICKSTART, args_for, tiny_opts
 from detectron2.engine import DefaultPredictor, launch
 from detectron2.utils import comm
@@ -126,3 +127,22 @@ def test_default_predictor_and_demo(tmp_path):
     missing = subprocess.run(demo[:5] + [str(tmp_path / "nope.jpg")] + demo[6:], cwd=REPO,
                              capture_output=True, text=True, timeout=300)
     assert missing.returncode != 0 and "nope.jpg" in missing.stderr
+
+
+def test_cpu_amp_trains_in_bfloat16_with_float32_weights(tmp_path):
+    from fcos_d2.engine import CPUAutocastTrainer
+
+    opts = tiny_opts(tmp_path, max_iter=3, **{"SOLVER.AMP.ENABLED": True, "DATASETS.TEST": "()",
+                                              "SOLVER.CHECKPOINT_PERIOD": 100})
+    cfg = setup(args_for(opts))
+    trainer = Trainer(cfg)
+    assert isinstance(trainer._trainer, CPUAutocastTrainer)
+    assert trainer.cfg.SOLVER.AMP.ENABLED
+    seen = []
+    hook = trainer.model.head.cls_logits.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    trainer.train()
+    hook.remove()
+    assert seen and set(seen) == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+    (last,) = [m for m in read_metrics(tmp_path / "out") if "total_loss" in m]  # written at the end
+    assert last["iteration"] == 2 and math.isfinite(last["total_loss"])

@@ -68,8 +68,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--output", help="folder for the JSON and PNG files")
     parser.add_argument("--input-size", choices=("test", "train"), default="test")
     parser.add_argument("--max-images", type=int, default=0, help="use only the first N images")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
-    return parser.parse_args(argv)
+    parser.add_argument("opts", nargs="*", help="config overrides: KEY VALUE ...")
+    # Intermixed: config overrides may follow the command and the flags, as with train_net.py.
+    return parser.parse_intermixed_args(argv)
 
 
 def fcos_without_fpn(cfg) -> FCOSTargetAssigner:

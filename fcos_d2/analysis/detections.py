@@ -10,13 +10,12 @@ from typing import Dict, Iterable, List, Sequence
 import numpy as np
 import torch
 from detectron2.evaluation.coco_evaluation import instances_to_coco_json
-from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
 from detectron2.structures import pairwise_iou
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import Tensor
 
-from ..modeling.fcos import FCOS
+from ..modeling.fcos import FCOS, dense_probabilities
 from ..modeling.postprocess import FCOSPostProcessor
 
 PR_IOUS = (0.50, 0.75, 0.90)
@@ -71,9 +70,7 @@ def score_iou_before_nms(model: FCOS, inputs: List[dict]) -> Dict[str, Dict[str,
     features = [features[f] for f in model.head_in_features]
     predictions = model.head(features)
     locations = model.locations(features)
-    cls_probs = [permute_to_N_HWA_K(x, model.num_classes).sigmoid() for x in predictions.cls_logits]
-    box_reg = [permute_to_N_HWA_K(x, 4) for x in predictions.box_reg]
-    quality = [permute_to_N_HWA_K(x, 1).squeeze(2).sigmoid() for x in predictions.quality_logits]
+    cls_probs, box_reg, quality = dense_probabilities(predictions, model.num_classes)
     base = model.postprocessor
     no_nms = FCOSPostProcessor(
         strides=base.strides,

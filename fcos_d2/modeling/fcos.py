@@ -41,9 +41,28 @@ def check_in_features(cfg, shapes: Dict[str, ShapeSpec]) -> List[ShapeSpec]:
     return [shapes[f] for f in in_features]
 
 
+def dense_per_level(per_level: Sequence[Tensor], dim: int) -> List[Tensor]:
+    """Per-level (N, K, H, W) maps -> float32 (N, H*W, K) tensors, in row-major order.
+
+    Float32 because losses and box decoding need its precision under mixed precision.
+    """
+    return [permute_to_N_HWA_K(x, dim).float() for x in per_level]
+
+
 def flatten_predictions(per_level: Sequence[Tensor], dim: int) -> Tensor:
-    """Per-level (N, K, H, W) maps -> one (N, sum H*W, K) tensor (row-major, level after level)."""
-    return torch.cat([permute_to_N_HWA_K(x, dim) for x in per_level], dim=1)
+    """Per-level (N, K, H, W) maps -> one float32 (N, sum H*W, K) tensor, level after level."""
+    return torch.cat(dense_per_level(per_level, dim), dim=1)
+
+
+def dense_probabilities(
+    predictions: FCOSHeadOutputs, num_classes: int
+) -> Tuple[List[Tensor], List[Tensor], List[Tensor]]:
+    """Per level: class probabilities (N, HW, C), box regressions (N, HW, 4) and the quality
+    branch's probabilities (N, HW)."""
+    cls_probs = [x.sigmoid() for x in dense_per_level(predictions.cls_logits, num_classes)]
+    box_reg = dense_per_level(predictions.box_reg, 4)
+    quality = [x.squeeze(2).sigmoid() for x in dense_per_level(predictions.quality_logits, 1)]
+    return cls_probs, box_reg, quality
 
 
 @META_ARCH_REGISTRY.register()
@@ -141,18 +160,17 @@ class FCOS(DenseDetector):
     def forward_inference(
         self, images: ImageList, features: List[Tensor], predictions: FCOSHeadOutputs
     ) -> List[Instances]:
-        cls_probs = [permute_to_N_HWA_K(x, self.num_classes).sigmoid() for x in predictions.cls_logits]
-        box_reg = [permute_to_N_HWA_K(x, 4) for x in predictions.box_reg]
+        cls_probs, box_reg, branch_quality = dense_probabilities(predictions, self.num_classes)
         locations = self.locations(features)
-        quality = self.inference_quality_maps(predictions, box_reg, locations)
+        quality = self.inference_quality_maps(branch_quality, box_reg, locations)
         return self.postprocessor(locations, cls_probs, box_reg, quality, images.image_sizes)
 
     def inference_quality_maps(
-        self, predictions: FCOSHeadOutputs, box_reg: List[Tensor], locations: List[Tensor]
+        self, branch_quality: List[Tensor], box_reg: List[Tensor], locations: List[Tensor]
     ) -> List[Tensor]:
         """Per level (N, HW_i) quality in [0, 1] that multiplies the class score."""
         if self.inference_quality == "branch":
-            return [permute_to_N_HWA_K(x, 1).squeeze(2).sigmoid() for x in predictions.quality_logits]
+            return branch_quality
         if self.inference_quality == "none":
             return [torch.ones_like(x[..., 0]) for x in box_reg]
         if self.inference_quality == "from_regression":

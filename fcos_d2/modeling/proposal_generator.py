@@ -11,11 +11,10 @@ import torch
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import PROPOSAL_GENERATOR_REGISTRY
-from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
 from detectron2.structures import ImageList, Instances
 from torch import Tensor, nn
 
-from .fcos import check_in_features, flatten_predictions
+from .fcos import check_in_features, dense_probabilities, flatten_predictions
 from .head import FCOSHead
 from .losses import FCOSLoss
 from .postprocess import FCOSPostProcessor
@@ -114,11 +113,7 @@ class FCOSProposalGenerator(nn.Module):
         postprocessor = self.train_postprocessor if self.training else self.test_postprocessor
         with torch.no_grad():
             detections = postprocessor(
-                locations,
-                [permute_to_N_HWA_K(x, 1).sigmoid() for x in predictions.cls_logits],
-                [permute_to_N_HWA_K(x, 4) for x in predictions.box_reg],
-                [permute_to_N_HWA_K(x, 1).squeeze(2).sigmoid() for x in predictions.quality_logits],
-                images.image_sizes,
+                locations, *dense_probabilities(predictions, 1), images.image_sizes
             )
         proposals = [
             Instances(d.image_size, proposal_boxes=d.pred_boxes, objectness_logits=score_to_logit(d.scores))
