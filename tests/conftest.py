@@ -26,10 +26,10 @@ def cfg():
     return config
 
 
-@pytest.fixture
-def tiny_cfg(cfg):
-    """A small FCOS (ResNet-18 from scratch, 64-channel FPN, 2-conv towers) for quick training."""
-    cfg.merge_from_file("configs/FCOS-Detection/Base-FCOS.yaml")
+def shrink(cfg, config_file: str):
+    """``config_file`` with a ResNet-18 from scratch, a 64-channel FPN and 2-conv towers, 3 classes."""
+    cfg.merge_from_file(config_file)
+    cfg.MODEL.WEIGHTS = ""
     cfg.MODEL.RESNETS.DEPTH = 18
     cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
     cfg.MODEL.RESNETS.NORM = "BN"
@@ -38,7 +38,30 @@ def tiny_cfg(cfg):
     cfg.MODEL.FCOS.NUM_CLS_CONVS = 2
     cfg.MODEL.FCOS.NUM_BOX_CONVS = 2
     cfg.MODEL.FCOS.NUM_CLASSES = 3
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 3
     return cfg
+
+
+@pytest.fixture
+def tiny_cfg(cfg):
+    """A small FCOS detector for quick training."""
+    return shrink(cfg, "configs/FCOS-Detection/Base-FCOS.yaml")
+
+
+def overfit(model, batch, iterations: int):
+    """Train ``model`` on one fixed batch with AdamW (lr 1e-3), then return its detections on it."""
+    from detectron2.utils.events import EventStorage
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    with EventStorage():
+        for _ in range(iterations):
+            loss = sum(model(batch).values())
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        return model(batch)[0]["instances"]
 
 
 def synthetic_image(height=128, width=128, boxes=(), classes=(), seed=0):

@@ -49,6 +49,15 @@ def test_bpr_small_box_needs_fpn():
     assert p4_only["bpr"] == 50.0
 
 
+def test_images_without_boxes_count_as_samples_only():
+    empty = _gt([], [])
+    stats = fcos_assignment_stats(_assigner((8, 16), [32]), [empty, _gt([[20, 20, 60, 60]], [1])])
+    assert stats.images == 2 and stats.samples == 2 * 80 and stats.num_boxes == 1
+    assert stats.summary()["bpr"] == 100.0
+    retina = retinanet_assignment_stats([_gt([], [], (256, 256))], "all-low-quality").summary()
+    assert retina["num_boxes"] == 0 and retina["samples_per_image"] == 9 * 1364
+
+
 def test_ambiguity_hand_counted():
     # The boxes of tests/test_targets.py without center sampling: 28 positive locations, of
     # which (28, 28), (28, 36) on P3 and (24, 40) on P4 lie in both boxes.

@@ -3,7 +3,7 @@ import glob
 
 import pytest
 import torch
-from conftest import synthetic_image
+from conftest import overfit, synthetic_image
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, pairwise_iou
 from detectron2.utils.events import EventStorage
@@ -155,16 +155,7 @@ def test_overfits_one_image(tiny_cfg):
     gt_boxes = [[10, 15, 50, 60], [60, 30, 120, 110], [30, 70, 70, 100]]
     gt_classes = [0, 1, 2]
     batch = [synthetic_image(boxes=gt_boxes, classes=gt_classes)]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
-    with EventStorage():
-        for _ in range(120):
-            loss = sum(model(batch).values())
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    model.eval()
-    with torch.no_grad():
-        detections = model(batch)[0]["instances"]
+    detections = overfit(model, batch, iterations=120)
     top = detections[detections.scores > 0.5]
     assert len(top) == 3
     iou = pairwise_iou(Boxes(torch.tensor(gt_boxes, dtype=torch.float32)), top.pred_boxes)

@@ -1,7 +1,7 @@
 """FCOS as the proposal generator of Detectron2's ProposalNetwork and Faster R-CNN (Sec. 5)."""
 import pytest
 import torch
-from conftest import synthetic_image
+from conftest import overfit, shrink, synthetic_image
 from detectron2.data import DatasetCatalog
 from detectron2.evaluation import COCOEvaluator, inference_on_dataset
 from detectron2.modeling import build_model
@@ -18,16 +18,7 @@ GT_CLASSES = [0, 1, 2]
 
 
 def _small(cfg, path: str):
-    cfg.merge_from_file(path)
-    cfg.MODEL.WEIGHTS = ""
-    cfg.MODEL.RESNETS.DEPTH = 18
-    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
-    cfg.MODEL.RESNETS.NORM = "BN"
-    cfg.MODEL.BACKBONE.FREEZE_AT = 0
-    cfg.MODEL.FPN.OUT_CHANNELS = 64
-    cfg.MODEL.FCOS.NUM_CLS_CONVS = 2
-    cfg.MODEL.FCOS.NUM_BOX_CONVS = 2
-    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 3
+    cfg = shrink(cfg, path)
     cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = 128
     cfg.MODEL.ROI_BOX_HEAD.FC_DIM = 256
     return cfg
@@ -130,15 +121,7 @@ def test_faster_rcnn_with_fcos_proposals_trains_both_stages_and_overfits(cfg):
         for module in (model.proposal_generator.fcos_head, model.roi_heads.box_predictor):
             assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
         model.zero_grad()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
-        for _ in range(100):
-            loss = sum(model(batch).values())
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    model.eval()
-    with torch.no_grad():
-        detections = model(batch)[0]["instances"]
+    detections = overfit(model, batch, iterations=100)
     top = detections[detections.scores > 0.5]
     iou = pairwise_iou(Boxes(torch.tensor(GT_BOXES, dtype=torch.float32)), top.pred_boxes)
     best_iou, best = iou.max(dim=1)

@@ -50,7 +50,7 @@ def _assign(radius=0.0, normalize=True, boxes=(BOX_A, BOX_B), classes=(2, 5), cr
 
 def _index(level: int, x: int, y: int) -> int:
     stride = STRIDES[level]
-    height, width = FEATURE_SIZES[level]
+    width = FEATURE_SIZES[level][1]
     offset = sum(h * w for h, w in FEATURE_SIZES[:level])
     return offset + ((y - stride // 2) // stride) * width + (x - stride // 2) // stride
 

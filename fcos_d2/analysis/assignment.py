@@ -100,18 +100,19 @@ def fcos_assignment_stats(assigner: FCOSTargetAssigner, images: List[GroundTruth
         points, strides, size_ranges = assigner.flatten_levels(locations)
         candidates = assigner.candidates(points, strides, size_ranges, gt.boxes)
         matched = assigner.match(points, strides, size_ranges, gt.boxes)
+        stats.samples += len(points)
+        stats.images += 1
+        if not len(gt.boxes):
+            continue
         num_candidates = candidates.sum(dim=1)
         positive = num_candidates > 0
-        class_matrix = torch.where(candidates, gt.classes[None, :], -1)
-        max_class = class_matrix.max(dim=1).values
+        max_class = torch.where(candidates, gt.classes[None, :], -1).max(dim=1).values
         min_class = torch.where(candidates, gt.classes[None, :], 1 << 30).min(dim=1).values
         stats.num_boxes += len(gt.boxes)
         stats.recalled += len(torch.unique(matched[matched >= 0]))
         stats.positives += int(positive.sum())
         stats.ambiguous += int((num_candidates > 1).sum())
         stats.ambiguous_diff_class += int((positive & (max_class != min_class)).sum())
-        stats.samples += len(points)
-        stats.images += 1
     return stats
 
 
