@@ -35,6 +35,12 @@ inputs_hash() {
     { cat "${files[@]}"; echo "constraints=$CONSTRAINTS"; } | sha256sum | cut -d' ' -f1
 }
 
+step "check inputs"
+if [ -n "$CONSTRAINTS" ] && [ ! -f "$CONSTRAINTS" ]; then
+    echo "constraints file FCOS_D2_CONSTRAINTS=$CONSTRAINTS does not exist (set it to '' for none)" >&2
+    false
+fi
+
 step "create virtualenv $VENV"
 if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"

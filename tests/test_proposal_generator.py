@@ -1,4 +1,6 @@
 """FCOS as the proposal generator of Detectron2's ProposalNetwork and Faster R-CNN (Sec. 5)."""
+import glob
+
 import pytest
 import torch
 from conftest import overfit, shrink, synthetic_image
@@ -161,3 +163,22 @@ def test_proposal_network_output_is_evaluated_by_coco_evaluator(cfg, tmp_path):
                               objectness_logits=torch.ones(len(boxes)))
         evaluator.process([{"image_id": record["image_id"]}], [{"proposals": proposals}])
     assert evaluator.evaluate()["box_proposals"]["AR@100"] == pytest.approx(100.0)
+
+
+RPN_CONFIGS = sorted(p for p in glob.glob("configs/FCOS-RPN/*.yaml") if not p.split("/")[-1].startswith("Base"))
+
+
+@pytest.mark.parametrize("path", RPN_CONFIGS, ids=lambda p: p.split("/")[-1])
+def test_every_rpn_config_builds_trains_and_infers(cfg, path):
+    cfg = _small(cfg, path)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    batch = [synthetic_image(boxes=GT_BOXES, classes=GT_CLASSES)]
+    with EventStorage():
+        losses = model(batch)
+    assert losses and all(torch.isfinite(v) for v in losses.values())
+    model.eval()
+    with torch.no_grad():
+        (out,) = model(batch)
+    expected = "proposals" if "rpn_" in path else "instances"
+    assert set(out) == {expected}
