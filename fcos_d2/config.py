@@ -7,8 +7,6 @@ switches back to the ICCV 2019 settings.
 """
 from detectron2.config import CfgNode as CN
 
-INF = 100000000
-
 
 def add_fcos_config(cfg: CN) -> CN:
     """Add the FCOS keys to ``cfg`` (in place) and return it. Safe to call more than once."""
@@ -26,6 +24,8 @@ def add_fcos_config(cfg: CN) -> CN:
     # Table 3 row "C5").
     fcos.TOP_LEVELS_IN_FEATURE = "p5"
     fcos.PRIOR_PROB = 0.01
+    # The *_TRAIN inference keys exist so the authors' YAML files load; the detector does not infer
+    # during training, and the proposal generator takes its train/test selection from MODEL.RPN.*.
     fcos.INFERENCE_TH_TRAIN = 0.05
     fcos.INFERENCE_TH_TEST = 0.05
     fcos.NMS_TH = 0.6

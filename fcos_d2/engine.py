@@ -12,7 +12,7 @@ from typing import Any, Dict, Iterator
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
-from detectron2.data import DatasetMapper, build_detection_test_loader
+from detectron2.data import DatasetMapper, MetadataCatalog, build_detection_test_loader
 from detectron2.data import detection_utils
 from detectron2.engine import DefaultTrainer, SimpleTrainer, default_setup
 from detectron2.engine import defaults as d2_defaults
@@ -43,6 +43,23 @@ def cpu_friendly_ddp() -> Iterator[None]:
         d2_defaults.create_ddp_model = original
 
 
+def check_num_classes(cfg: CfgNode) -> None:
+    """FCOS's class count must match the training data's (once loaded, its metadata knows).
+
+    A mismatch would otherwise go unnoticed: class NUM_CLASSES becomes background, larger ones
+    fail deep inside the loss.
+    """
+    if cfg.MODEL.META_ARCHITECTURE != "FCOS":
+        return
+    for name in cfg.DATASETS.TRAIN:
+        classes = MetadataCatalog.get(name).get("thing_classes")
+        if classes is not None and len(classes) != cfg.MODEL.FCOS.NUM_CLASSES:
+            raise ValueError(
+                f"MODEL.FCOS.NUM_CLASSES={cfg.MODEL.FCOS.NUM_CLASSES} but dataset {name!r} has "
+                f"{len(classes)} classes {list(classes)}"
+            )
+
+
 class CPUAutocastTrainer(SimpleTrainer):
     """``SimpleTrainer`` whose steps run under CPU bfloat16 autocast.
 
@@ -69,6 +86,7 @@ class Trainer(DefaultTrainer):
             base_cfg.SOLVER.AMP.ENABLED = False  # else DefaultTrainer builds the CUDA-only AMPTrainer
         with cpu_friendly_ddp():
             super().__init__(base_cfg)
+        check_num_classes(cfg)
         if cpu_amp:
             # self.cfg is DefaultTrainer's (possibly worker-scaled) copy of base_cfg.
             self.cfg.defrost()

@@ -172,3 +172,21 @@ def test_oracle_centerness_beats_no_quality_and_cli_runs(tmp_path, shapes_root):
     assert "RetinaNet (low-quality>=0.4)" in json.loads((tmp_path / "analysis" / "bpr.json").read_text())["results"]
     assert (tmp_path / "analysis" / "centerness.png").exists()
     assert (tmp_path / "analysis" / "pr-curves.png").exists()
+
+
+def test_coco_detections_keeps_images_without_detections():
+    from detectron2.structures import Boxes, Instances
+
+    from fcos_d2.analysis.detections import coco_detections
+
+    def model(inputs):
+        outputs = []
+        for record in inputs:
+            n = 1 if record["image_id"] == 1 else 0
+            outputs.append({"instances": Instances((10, 10), pred_boxes=Boxes(torch.ones(n, 4) * torch.tensor([1, 1, 5, 5])),
+                                                   scores=torch.ones(n), pred_classes=torch.zeros(n, dtype=torch.long))})
+        return outputs
+
+    detections, image_ids = coco_detections(model, [[{"image_id": 1}, {"image_id": 2}], [{"image_id": 3}]], max_images=2)
+    assert image_ids == [1, 2]  # stopped after 2 images, image 2 kept though it has no detection
+    assert [d["image_id"] for d in detections] == [1]

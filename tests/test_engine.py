@@ -146,3 +146,9 @@ def test_cpu_amp_trains_in_bfloat16_with_float32_weights(tmp_path):
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
     (last,) = [m for m in read_metrics(tmp_path / "out") if "total_loss" in m]  # written at the end
     assert last["iteration"] == 2 and math.isfinite(last["total_loss"])
+
+
+def test_num_classes_must_match_the_training_data(tmp_path):
+    opts = tiny_opts(tmp_path, max_iter=3, **{"MODEL.FCOS.NUM_CLASSES": 4, "DATASETS.TEST": "()"})
+    with pytest.raises(ValueError, match="NUM_CLASSES=4 but dataset 'shapes_train' has 5 classes"):
+        Trainer(setup(args_for(opts)))

@@ -201,3 +201,26 @@ def test_builds_from_lazy_config_keyword_arguments():
     with EventStorage():
         losses = model([synthetic_image(boxes=[[10, 10, 80, 90]], classes=[1])])
     assert set(losses) == {"loss_fcos_cls", "loss_fcos_loc", "loss_fcos_ctr"}
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("PRIOR_PROB", 0.0, "PRIOR_PROB must be in"),
+        ("NUM_CLASSES", 0, "NUM_CLASSES must be >= 1"),
+        ("SIZES_OF_INTEREST", [64, 32, 256, 512], "SIZES_OF_INTEREST must be positive and increasing"),
+        ("POS_RADIUS", -1.0, "POS_RADIUS must be >= 0"),
+        ("TARGETS_MAX_PAIRS_PER_CHUNK", 0, "TARGETS_MAX_PAIRS_PER_CHUNK must be >= 1"),
+        ("INFERENCE_QUALITY", "magic", "INFERENCE_QUALITY must be one of"),
+    ],
+)
+def test_bad_config_values_are_named(tiny_cfg, key, value, message):
+    setattr(tiny_cfg.MODEL.FCOS, key, value)
+    with pytest.raises(ValueError, match=message):
+        build_model(tiny_cfg)
+
+
+def test_gn_needs_channels_divisible_by_32(tiny_cfg):
+    tiny_cfg.MODEL.FPN.OUT_CHANNELS = 48
+    with pytest.raises(ValueError, match="channels \\(48\\) must be a multiple of 32"):
+        build_model(tiny_cfg)

@@ -149,10 +149,9 @@ def run_centerness(cfg, dataset: str, max_images: int, output: Path) -> Dict:
 
 def run_pr_curves(cfg, dataset: str, max_images: int, output: Path) -> Dict:
     model = load_model(cfg)
-    detections = coco_detections(model, Trainer.build_test_loader(cfg, dataset), max_images)
+    detections, image_ids = coco_detections(model, Trainer.build_test_loader(cfg, dataset), max_images)
     coco_gt = COCO(MetadataCatalog.get(dataset).json_file)
-    if max_images:
-        coco_gt.imgs = {i: coco_gt.imgs[i] for i in sorted({d["image_id"] for d in detections})}
+    coco_gt.imgs = {i: coco_gt.imgs[i] for i in image_ids}
     curves = class_agnostic_pr(coco_gt, detections)
     figure, axis = plt.subplots(figsize=(5.5, 4.6))
     for iou, curve in curves.items():

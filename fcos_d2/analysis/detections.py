@@ -5,7 +5,7 @@ and with center-ness (appendix Sec. 8, Fig. 7).
 import contextlib
 import copy
 import io
-from typing import Dict, Iterable, List, Sequence
+from typing import Dict, Iterable, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -47,18 +47,19 @@ def class_agnostic_pr(coco_gt: COCO, detections: List[dict], ious: Sequence[floa
     return curves
 
 
-def coco_detections(model: FCOS, loader: Iterable, max_images: int = 0) -> List[dict]:
-    """Run ``model`` over ``loader`` and return its detections in COCO json form."""
+def coco_detections(model: FCOS, loader: Iterable, max_images: int = 0) -> Tuple[List[dict], List[int]]:
+    """Run ``model`` over ``loader``: its detections in COCO json form, and the ids of every image
+    it ran on (also those without detections, whose boxes still count as missed)."""
     results: List[dict] = []
-    seen = 0
+    image_ids: List[int] = []
     with torch.no_grad():
         for inputs in loader:
             for record, output in zip(inputs, model(inputs)):
                 results += instances_to_coco_json(output["instances"].to("cpu"), record["image_id"])
-                seen += 1
-            if max_images and seen >= max_images:
+                image_ids.append(record["image_id"])
+            if max_images and len(image_ids) >= max_images:
                 break
-    return results
+    return results, image_ids
 
 
 def score_iou_before_nms(model: FCOS, inputs: List[dict]) -> Dict[str, Dict[str, List[float]]]:

@@ -123,10 +123,16 @@ class FCOSHead(nn.Module):
             raise ValueError(
                 f"MODEL.FCOS.BOX_ACTIVATION must be one of {BOX_ACTIVATIONS}, got {box_activation!r}"
             )
+        if not 0 < prior_prob < 1:
+            raise ValueError(f"MODEL.FCOS.PRIOR_PROB must be in (0, 1), got {prior_prob}")
+        if num_classes < 1:
+            raise ValueError(f"MODEL.FCOS.NUM_CLASSES must be >= 1, got {num_classes}")
         channels = {s.channels for s in input_shape}
         if len(channels) != 1:
             raise ValueError(f"FCOS head needs the same channels on every level, got {channels}")
         in_channels = channels.pop()
+        if norm == "GN" and in_channels % 32:
+            raise ValueError(f"MODEL.FCOS.NORM=GN uses 32 groups: channels ({in_channels}) must be a multiple of 32")
         num_levels = len(input_shape)
         self.num_classes = num_classes
         self.box_activation = box_activation
@@ -175,7 +181,7 @@ class FCOSHead(nn.Module):
             quality_logits.append(
                 self.ctrness(box_feature if self.centerness_on_reg else cls_feature)
             )
-            reg = self.bbox_pred(box_feature)
+            reg = self.bbox_pred(box_feature).float()  # exp/relu of bf16 would cost ~0.4% precision
             if self.scales is not None:
                 reg = self.scales[level](reg)
             box_reg.append(torch.relu(reg) if self.box_activation == "relu" else torch.exp(reg))

@@ -189,4 +189,4 @@ class FCOSLoss:
             momentum = self.moving_fg_momentum
             self.moving_num_fg = (momentum * previous + (1 - momentum) * num_pos_avg).detach()
             return self.moving_num_fg
-        return _mean_over_workers(torch.tensor(float(is_fg.numel()), device=is_fg.device))
+        return _mean_over_workers(torch.full((), float(is_fg.numel()), device=is_fg.device))

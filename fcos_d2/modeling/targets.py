@@ -1,8 +1,8 @@
 """FCOS target assignment (Sec. 3.1-3.3), vectorised over locations x boxes.
 
 Every location of every level is compared with every ground-truth box of its image at once (in
-chunks of boxes when the pair count would exceed a memory cap); no Python loop over boxes and no
-host-device synchronisation.
+chunks of boxes when the pair count would exceed a memory cap); no Python loop over boxes, and
+no host-device synchronisation (shapes and box counts are tensor metadata).
 """
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
@@ -97,6 +97,14 @@ class FCOSTargetAssigner:
                 f"{len(strides)} levels (FPN_STRIDES={list(strides)}), got {list(sizes_of_interest)}"
             )
         bounds = [0.0, *map(float, sizes_of_interest), INF]
+        if any(low >= high for low, high in zip(bounds[:-1], bounds[1:])):
+            raise ValueError(
+                f"MODEL.FCOS.SIZES_OF_INTEREST must be positive and increasing, got {list(sizes_of_interest)}"
+            )
+        if center_sampling_radius < 0:
+            raise ValueError(f"MODEL.FCOS.POS_RADIUS must be >= 0, got {center_sampling_radius}")
+        if max_pairs_per_chunk < 1:
+            raise ValueError(f"MODEL.FCOS.TARGETS_MAX_PAIRS_PER_CHUNK must be >= 1, got {max_pairs_per_chunk}")
         self.strides = list(strides)
         self.size_ranges = list(zip(bounds[:-1], bounds[1:]))
         self.num_classes = num_classes
@@ -144,16 +152,17 @@ class FCOSTargetAssigner:
         return FCOSTargets(torch.stack(labels), torch.stack(reg_targets), torch.stack(matched))
 
     def flatten_levels(self, locations: List[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
-        """All levels' points (L, 2) with each point's stride (L,) and size range (L, 2)."""
+        """All levels' points (L, 2) with each point's stride (L,) and size range (L, 2).
+
+        Built with fills on the points' device: copying Python lists to a GPU would synchronise.
+        """
         points = torch.cat(locations, dim=0)
-        per_level = torch.tensor([len(loc) for loc in locations], device=points.device)
-        strides = torch.tensor(self.strides[: len(locations)], dtype=points.dtype, device=points.device)
-        size_ranges = torch.tensor(self.size_ranges[: len(locations)], dtype=points.dtype, device=points.device)
-        return (
-            points,
-            torch.repeat_interleave(strides, per_level),
-            torch.repeat_interleave(size_ranges, per_level, dim=0),
-        )
+        strides, size_ranges = [], []
+        for level_points, stride, (low, high) in zip(locations, self.strides, self.size_ranges):
+            count = (len(level_points),)
+            strides.append(points.new_full(count, float(stride)))
+            size_ranges.append(torch.stack([points.new_full(count, low), points.new_full(count, high)], dim=1))
+        return points, torch.cat(strides), torch.cat(size_ranges)
 
     def candidates(
         self,
