@@ -41,6 +41,11 @@ def check_in_features(cfg, shapes: Dict[str, ShapeSpec]) -> List[ShapeSpec]:
     return [shapes[f] for f in in_features]
 
 
+def feature_locations(features: Sequence[Tensor], strides: Sequence[int]) -> List[Tensor]:
+    """Image coordinates of every location of each (N, C, H, W) feature map (Sec. 3.1)."""
+    return compute_locations([f.shape[-2:] for f in features], strides, features[0].device)
+
+
 def dense_per_level(per_level: Sequence[Tensor], dim: int) -> List[Tensor]:
     """Per-level (N, K, H, W) maps -> float32 (N, H*W, K) tensors, in row-major order.
 
@@ -115,7 +120,7 @@ class FCOS(DenseDetector):
             "strides": cfg.MODEL.FCOS.FPN_STRIDES,
             "target_assigner": FCOSTargetAssigner(cfg),
             "loss": FCOSLoss(cfg),
-            "postprocessor": FCOSPostProcessor(cfg, is_train=False),
+            "postprocessor": FCOSPostProcessor(cfg),
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "input_format": cfg.INPUT.FORMAT,
@@ -137,7 +142,7 @@ class FCOS(DenseDetector):
             self._oracle_instances = None
 
     def locations(self, features: List[Tensor]) -> List[Tensor]:
-        return compute_locations([f.shape[-2:] for f in features], self.strides, features[0].device)
+        return feature_locations(features, self.strides)
 
     def forward_training(
         self,

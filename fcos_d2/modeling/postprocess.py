@@ -52,13 +52,14 @@ class FCOSPostProcessor:
         self.min_box_size = min_box_size
 
     @classmethod
-    def from_config(cls, cfg, is_train: bool = False):
+    def from_config(cls, cfg):
+        """The detector's test-time settings; callers override any of them by keyword."""
         fcos = cfg.MODEL.FCOS
         return {
             "strides": fcos.FPN_STRIDES,
-            "score_threshold": fcos.INFERENCE_TH_TRAIN if is_train else fcos.INFERENCE_TH_TEST,
-            "pre_nms_topk": fcos.PRE_NMS_TOPK_TRAIN if is_train else fcos.PRE_NMS_TOPK_TEST,
-            "post_nms_topk": fcos.POST_NMS_TOPK_TRAIN if is_train else fcos.POST_NMS_TOPK_TEST,
+            "score_threshold": fcos.INFERENCE_TH_TEST,
+            "pre_nms_topk": fcos.PRE_NMS_TOPK_TEST,
+            "post_nms_topk": fcos.POST_NMS_TOPK_TEST,
             "nms_threshold": fcos.NMS_TH,
             "thresh_with_quality": fcos.THRESH_WITH_CTR,
             "score_sqrt": fcos.SCORE_SQRT,

@@ -14,11 +14,11 @@ from detectron2.modeling import PROPOSAL_GENERATOR_REGISTRY
 from detectron2.structures import ImageList, Instances
 from torch import Tensor, nn
 
-from .fcos import check_in_features, dense_probabilities, flatten_predictions
+from .fcos import check_in_features, dense_probabilities, feature_locations, flatten_predictions
 from .head import FCOSHead
 from .losses import FCOSLoss
 from .postprocess import FCOSPostProcessor
-from .targets import FCOSTargetAssigner, compute_locations
+from .targets import FCOSTargetAssigner
 
 
 def score_to_logit(score: Tensor, eps: float = 1e-6) -> Tensor:
@@ -66,13 +66,11 @@ class FCOSProposalGenerator(nn.Module):
         agnostic.defrost()
         agnostic.MODEL.FCOS.NUM_CLASSES = 1
         rpn = cfg.MODEL.RPN
-        shared = {
+        # The detector's decoding settings, with Detectron2 RPN-style selection on top.
+        rpn_selection = {
             "score_threshold": 0.0,  # like Detectron2's RPN: rank everything, keep the top k
             "nms_threshold": rpn.NMS_THRESH,
             "thresh_with_quality": False,
-            "score_sqrt": cfg.MODEL.FCOS.SCORE_SQRT,
-            "normalized_reg": cfg.MODEL.FCOS.NORM_REG_TARGETS,
-            "strides": cfg.MODEL.FCOS.FPN_STRIDES,
             "class_agnostic_nms": True,
             "min_box_size": cfg.MODEL.PROPOSAL_GENERATOR.MIN_SIZE,
         }
@@ -83,10 +81,10 @@ class FCOSProposalGenerator(nn.Module):
             "target_assigner": FCOSTargetAssigner(agnostic),
             "loss": FCOSLoss(agnostic, loss_prefix="loss_fcos_rpn"),
             "train_postprocessor": FCOSPostProcessor(
-                pre_nms_topk=rpn.PRE_NMS_TOPK_TRAIN, post_nms_topk=rpn.POST_NMS_TOPK_TRAIN, **shared
+                cfg, pre_nms_topk=rpn.PRE_NMS_TOPK_TRAIN, post_nms_topk=rpn.POST_NMS_TOPK_TRAIN, **rpn_selection
             ),
             "test_postprocessor": FCOSPostProcessor(
-                pre_nms_topk=rpn.PRE_NMS_TOPK_TEST, post_nms_topk=rpn.POST_NMS_TOPK_TEST, **shared
+                cfg, pre_nms_topk=rpn.PRE_NMS_TOPK_TEST, post_nms_topk=rpn.POST_NMS_TOPK_TEST, **rpn_selection
             ),
         }
 
@@ -98,7 +96,7 @@ class FCOSProposalGenerator(nn.Module):
     ) -> Tuple[List[Instances], Dict[str, Tensor]]:
         feature_list = [features[f] for f in self.in_features]
         predictions = self.fcos_head(feature_list)
-        locations = compute_locations([f.shape[-2:] for f in feature_list], self.strides, feature_list[0].device)
+        locations = feature_locations(feature_list, self.strides)
         losses: Dict[str, Tensor] = {}
         if self.training:
             if gt_instances is None:
