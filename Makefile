@@ -3,15 +3,23 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test quickstart clean-venv
+.PHONY: setup lint test test-quick quickstart clean-venv
 
 setup:
 	@VENV=$(abspath $(VENV)) bash scripts/setup_env.sh
 
+lint: setup
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+
 # pytest exits 5 when it collects nothing; say so instead of a bare error code.
-test: setup
+test: lint
 	@$(PYTHON) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "ERROR: pytest collected no tests" >&2; fi; exit $$rc
+
+# The sub-minute loop: everything but the end-to-end runs (CI runs them all, via `make test`).
+test-quick: setup
+	$(PYTHON) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 QUICKSTART_CONFIG ?= configs/quickstart/FCOS_R_18_shapes.yaml
 QUICKSTART_OUTPUT ?= output/quickstart/FCOS_R_18_shapes

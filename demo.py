@@ -1,15 +1,16 @@
 #!/usr/bin/env python
 """Run a trained FCOS on images and write them with the detections drawn on.
 
-    python demo.py --config-file CFG --input img.jpg other.png folder/ --output out/ MODEL.WEIGHTS w.pth
-    python demo.py --config-file CFG --dataset shapes_val --max-images 8 --output out/ MODEL.WEIGHTS w.pth
+    python demo.py --config-file CFG --input img.jpg folder/ --output out/ MODEL.WEIGHTS w.pth
+    python demo.py --config-file CFG --dataset shapes_val --max-images 8 --output out/ \
+        MODEL.WEIGHTS w.pth
 
 Uses Detectron2's ``DefaultPredictor`` and ``Visualizer``.
 """
+
 import argparse
 import sys
 from pathlib import Path
-from typing import List
 
 import cv2
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -22,9 +23,9 @@ from fcos_d2.engine import build_cfg
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
 
-def collect_inputs(paths: List[str]) -> List[Path]:
+def collect_inputs(paths: list[str]) -> list[Path]:
     """Files as given, folders expanded to their images (sorted); missing paths are an error."""
-    files: List[Path] = []
+    files: list[Path] = []
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
@@ -37,10 +38,14 @@ def collect_inputs(paths: List[str]) -> List[Path]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--config-file", required=True, metavar="FILE")
     parser.add_argument("--input", nargs="+", default=[], help="images and/or folders of images")
-    parser.add_argument("--dataset", help="a registered dataset whose images to use instead of --input")
+    parser.add_argument(
+        "--dataset", help="a registered dataset whose images to use instead of --input"
+    )
     parser.add_argument("--max-images", type=int, default=0, help="use only the first N images")
     parser.add_argument("--output", required=True, help="folder for the annotated images")
     parser.add_argument("--confidence-threshold", type=float, default=0.5)
@@ -54,7 +59,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = build_cfg(args.config_file, args.opts)
-    cfg.MODEL.FCOS.INFERENCE_TH_TEST = min(cfg.MODEL.FCOS.INFERENCE_TH_TEST, args.confidence_threshold)
+    cfg.MODEL.FCOS.INFERENCE_TH_TEST = min(
+        cfg.MODEL.FCOS.INFERENCE_TH_TEST, args.confidence_threshold
+    )
     cfg.freeze()
     register_shapes_from_config(cfg)
     if args.dataset:
@@ -72,8 +79,10 @@ def main(argv=None) -> int:
     for path in inputs:
         image = cv2.imread(str(path), cv2.IMREAD_COLOR)  # BGR, as DefaultPredictor expects
         if image is None:
-            print(f"demo.py: cannot read image {path} (missing, not an image, or corrupt); skipped",
-                  file=sys.stderr)
+            print(
+                f"demo.py: cannot read image {path} (missing, not an image, or corrupt); skipped",
+                file=sys.stderr,
+            )
             failures += 1
             continue
         instances = predictor(image)["instances"].to("cpu")

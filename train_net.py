@@ -1,12 +1,14 @@
 #!/usr/bin/env python
 """Train and evaluate FCOS with Detectron2, exactly like Detectron2's own tools/train_net.py.
 
-    python train_net.py --config-file configs/quickstart/FCOS_R_18_shapes.yaml
-    python train_net.py --config-file CFG --eval-only MODEL.WEIGHTS output/.../model_final.pth
-    python train_net.py --config-file CFG --num-gpus 2      # 2 processes (GPUs, or CPUs via Gloo)
-    python train_net.py --config-file CFG --num-machines 2 --machine-rank 0 --dist-url tcp://HOST:PORT
+python train_net.py --config-file configs/quickstart/FCOS_R_18_shapes.yaml
+python train_net.py --config-file CFG --eval-only MODEL.WEIGHTS output/.../model_final.pth
+python train_net.py --config-file CFG --num-gpus 2      # 2 processes (GPUs, or CPUs via Gloo)
+python train_net.py --config-file CFG --num-machines 2 --machine-rank 0 --dist-url tcp://HOST:PORT
 """
+
 from detectron2.engine import default_argument_parser, launch
+from detectron2.evaluation import print_csv_format
 from detectron2.utils import comm
 
 from fcos_d2.engine import main
@@ -15,13 +17,13 @@ from fcos_d2.engine import main
 def run(args) -> None:
     results = main(args)
     if comm.is_main_process() and results:
-        # Trainer.test returns {task: metrics} for one test set, {dataset: {task: metrics}} for more.
-        one_dataset = all(not isinstance(v, dict) for task in results.values() for v in task.values())
-        per_dataset = {"": results} if one_dataset else results
-        for dataset, tasks in per_dataset.items():
-            for task, metrics in tasks.items():
-                print(f"\nFinal evaluation {dataset} [{task}]:".replace("  ", " "))
-                print(" | ".join(f"{k} {v:.1f}" for k, v in metrics.items() if "-" not in k))
+        # Trainer.test gives {task: metrics} for one test set, {dataset: {task: metrics}} for more.
+        one_dataset = all(
+            not isinstance(v, dict) for task in results.values() for v in task.values()
+        )
+        for dataset, tasks in ({"": results} if one_dataset else results).items():
+            print(f"Final evaluation {dataset}:".replace(" :", ":"), flush=True)
+            print_csv_format(tasks)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 ``import fcos_d2`` registers the META_ARCH "FCOS" and the backbone
 "build_fcos_resnet_fpn_backbone"; :func:`add_fcos_config` adds the ``MODEL.FCOS`` keys.
 """
+
 from .config import add_fcos_config
 from .modeling import FCOS, FCOSHead, build_fcos_resnet_fpn_backbone
 

@@ -1,20 +1,48 @@
-"""``MODEL.FCOS.*`` defaults for a Detectron2 :class:`CfgNode`.
+"""Every config key fcos_d2 adds to Detectron2's defaults, in one place: :func:`add_fcos_config`.
 
-Key names follow the authors' Detectron2 release (AdelaiDet) wherever it has one, so that their
-YAML files carry over; keys marked "ours" cover choices their release hard-codes. The defaults are
-the authors' improved settings (Table 3, "Improvements" rows); ``configs/FCOS-Detection/paper/``
-switches back to the ICCV 2019 settings.
+``MODEL.FCOS.*`` names follow the authors' Detectron2 release (AdelaiDet) wherever it has one, so
+that their YAML files carry over; keys marked "ours" cover choices their release hard-codes. The
+defaults are the authors' improved settings (Table 3, "Improvements" rows);
+``configs/FCOS-Detection/paper/`` switches back to the ICCV 2019 settings.
 """
+
 from detectron2.config import CfgNode as CN
 
 
 def add_fcos_config(cfg: CN) -> CN:
-    """Add the FCOS keys to ``cfg`` (in place) and return it. Safe to call more than once."""
-    if "FCOS" in cfg.MODEL:
-        return cfg
-    _C = cfg
-    _C.MODEL.FCOS = CN()
-    fcos = _C.MODEL.FCOS
+    """Add all fcos_d2 keys to ``cfg`` (in place) and return it. Safe to call more than once.
+
+    After it, ``cfg.merge_from_file`` accepts every YAML file shipped in ``configs/``.
+    """
+    if "FCOS" not in cfg.MODEL:
+        _add_model_keys(cfg)
+    if "OPTIMIZER" not in cfg.SOLVER:
+        _add_solver_keys(cfg)
+    if "SHAPES" not in cfg.DATASETS:
+        _add_dataset_keys(cfg)
+    return cfg
+
+
+def _add_solver_keys(cfg: CN) -> None:
+    # "SGD" (Detectron2's) or "ADAMW" (same parameter groups, torch.optim.AdamW).
+    cfg.SOLVER.OPTIMIZER = "SGD"
+
+
+def _add_dataset_keys(cfg: CN) -> None:
+    # The embedded "shapes" dataset (fcos_d2/data/shapes.py), registered as shapes_train/shapes_val.
+    cfg.DATASETS.SHAPES = CN()
+    shapes = cfg.DATASETS.SHAPES
+    shapes.ROOT = ""  # "" -> $FCOS_D2_DATASETS, else <repository>/datasets
+    shapes.NUM_TRAIN = 512
+    shapes.NUM_VAL = 128
+    shapes.IMAGE_SIZE = [256, 256]  # height, width
+    shapes.MAX_OBJECTS = 6
+    shapes.SEED = 0
+
+
+def _add_model_keys(cfg: CN) -> None:
+    cfg.MODEL.FCOS = CN()
+    fcos = cfg.MODEL.FCOS
     fcos.NUM_CLASSES = 80
     fcos.IN_FEATURES = ["p3", "p4", "p5", "p6", "p7"]
     fcos.FPN_STRIDES = [8, 16, 32, 64, 128]
@@ -32,8 +60,10 @@ def add_fcos_config(cfg: CN) -> CN:
     fcos.PRE_NMS_TOPK_TRAIN = 1000
     fcos.PRE_NMS_TOPK_TEST = 1000
     fcos.POST_NMS_TOPK_TRAIN = 100
-    fcos.POST_NMS_TOPK_TEST = 100
-    fcos.NORM = "GN"  # "GN", "BN", "SyncBN" or "" (none)
+    # Detections per image: 0 follows TEST.DETECTIONS_PER_IMAGE (Detectron2's key); the authors'
+    # YAML files may set it, and then it must agree with TEST.DETECTIONS_PER_IMAGE.
+    fcos.POST_NMS_TOPK_TEST = 0
+    fcos.NORM = "GN"  # "GN", "BN" (one per level), "SyncBN", or "" / "none" (no norm)
     fcos.USE_SCALE = True
     # Filter candidates on cls * quality instead of cls alone.
     fcos.THRESH_WITH_CTR = False
@@ -57,7 +87,7 @@ def add_fcos_config(cfg: CN) -> CN:
     fcos.BOX_QUALITY = "ctrness"  # "ctrness" or "iou"
     # ours: regression targets divided by the level's stride (Table 3 "+ Normalization").
     fcos.NORM_REG_TARGETS = True
-    # ours: center-ness branch on the box tower (True, improved) or on the cls tower (paper, Fig. 2).
+    # ours: center-ness branch on the box tower (True, improved) or the cls tower (paper, Fig. 2).
     fcos.CENTERNESS_ON_REG = True
     # ours: final score sqrt(cls * quality) (True, improved) or cls * quality (paper).
     fcos.SCORE_SQRT = True
@@ -71,4 +101,3 @@ def add_fcos_config(cfg: CN) -> CN:
     # ours: cap on (locations x boxes) elements evaluated at once by target assignment, which keeps
     # memory bounded for images with thousands of boxes.
     fcos.TARGETS_MAX_PAIRS_PER_CHUNK = 1 << 22
-    return cfg

@@ -1,46 +1,32 @@
 """Training and evaluation in the Detectron2 style: ``DefaultTrainer`` + ``COCOEvaluator``.
 
-Everything here is Detectron2's own machinery; this module adds the FCOS/dataset config keys, a
-CPU fallback, and multi-process training on CPUs (Gloo), which Detectron2's ``create_ddp_model``
-breaks by passing ``device_ids`` (CPU DistributedDataParallel rejects them).
+Everything here is Detectron2's own machinery; this module adds the fcos_d2 config keys, a CPU
+fallback, AdamW, CPU bfloat16 autocast and multi-process training on CPUs (Gloo). Workarounds for
+Detectron2 internals live in :mod:`fcos_d2.d2_compat`.
 """
-import contextlib
+
 import logging
 import os
-from typing import Any, Dict, Iterator
+from collections import OrderedDict
+from typing import Any, Optional
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
-from detectron2.data import DatasetMapper, MetadataCatalog, build_detection_test_loader
-from detectron2.data import detection_utils
-from detectron2.engine import DefaultTrainer, SimpleTrainer, default_setup
-from detectron2.engine import defaults as d2_defaults
-from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
+from detectron2.data import MetadataCatalog
+from detectron2.engine import DefaultTrainer, default_setup
 from detectron2.evaluation import COCOEvaluator, verify_results
+from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.utils import comm
 
+from .checks import check_choice
 from .config import add_fcos_config
-from .data.builtin import add_shapes_config, register_shapes_from_config
+from .d2_compat import cpu_friendly_ddp, last_eval_results, use_cpu_autocast
+from .data.builtin import register_shapes_from_config
 
 logger = logging.getLogger("fcos_d2")
 
-
-@contextlib.contextmanager
-def cpu_friendly_ddp() -> Iterator[None]:
-    """While active, Detectron2's ``create_ddp_model`` omits ``device_ids`` for CPU models."""
-    original = d2_defaults.create_ddp_model
-
-    def create_ddp_model(model, **kwargs):
-        if comm.get_world_size() > 1 and next(model.parameters()).device.type == "cpu":
-            kwargs.setdefault("device_ids", None)
-        return original(model, **kwargs)
-
-    d2_defaults.create_ddp_model = create_ddp_model
-    try:
-        yield
-    finally:
-        d2_defaults.create_ddp_model = original
+OPTIMIZERS = ("SGD", "ADAMW")
 
 
 def check_num_classes(cfg: CfgNode) -> None:
@@ -60,19 +46,6 @@ def check_num_classes(cfg: CfgNode) -> None:
             )
 
 
-class CPUAutocastTrainer(SimpleTrainer):
-    """``SimpleTrainer`` whose steps run under CPU bfloat16 autocast.
-
-    Detectron2's ``AMPTrainer`` is CUDA-only (float16 with a gradient scaler); bfloat16 keeps
-    float32's exponent range, so it needs no scaler. On CPUs with AVX512-BF16 or AMX it roughly
-    halves the time of a step; the FCOS losses are computed in float32 regardless.
-    """
-
-    def run_step(self) -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            super().run_step()
-
-
 class Trainer(DefaultTrainer):
     """Detectron2's ``DefaultTrainer`` with COCO evaluation, CPU multi-process training and
     ``SOLVER.AMP.ENABLED`` meaning bfloat16 autocast on the CPU."""
@@ -83,7 +56,9 @@ class Trainer(DefaultTrainer):
         if cpu_amp:
             base_cfg = cfg.clone()
             base_cfg.defrost()
-            base_cfg.SOLVER.AMP.ENABLED = False  # else DefaultTrainer builds the CUDA-only AMPTrainer
+            base_cfg.SOLVER.AMP.ENABLED = (
+                False  # else DefaultTrainer builds the CUDA-only AMPTrainer
+            )
         with cpu_friendly_ddp():
             super().__init__(base_cfg)
         check_num_classes(cfg)
@@ -92,16 +67,14 @@ class Trainer(DefaultTrainer):
             self.cfg.defrost()
             self.cfg.SOLVER.AMP.ENABLED = True
             self.cfg.freeze()
-            plain = self._trainer
-            self._trainer = CPUAutocastTrainer(plain.model, plain.data_loader, plain.optimizer)
+            use_cpu_autocast(self)
 
     @classmethod
     def build_optimizer(cls, cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimizer:
         """Detectron2's SGD, or AdamW with ``SOLVER.OPTIMIZER: ADAMW`` (same parameter groups)."""
+        check_choice(cfg.SOLVER.OPTIMIZER, OPTIMIZERS, "SOLVER.OPTIMIZER")
         if cfg.SOLVER.OPTIMIZER == "SGD":
             return super().build_optimizer(cfg, model)
-        if cfg.SOLVER.OPTIMIZER != "ADAMW":
-            raise ValueError(f"SOLVER.OPTIMIZER must be SGD or ADAMW, got {cfg.SOLVER.OPTIMIZER!r}")
         params = get_default_optimizer_params(
             model,
             base_lr=cfg.SOLVER.BASE_LR,
@@ -109,33 +82,30 @@ class Trainer(DefaultTrainer):
             bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
             weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
         )
-        adamw = torch.optim.AdamW(params, lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY)
+        adamw = torch.optim.AdamW(
+            params, lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY
+        )
         return maybe_add_gradient_clipping(cfg, adamw)
 
     @classmethod
-    def build_test_loader(cls, cfg: CfgNode, dataset_name: str):
-        """Detectron2's test loader; it keeps the annotations for the oracle center-ness ablation."""
-        if cfg.MODEL.META_ARCHITECTURE != "FCOS" or cfg.MODEL.FCOS.INFERENCE_QUALITY != "oracle":
-            return super().build_test_loader(cfg, dataset_name)
-        mapper = DatasetMapper(
-            is_train=True,  # the only mode in which DatasetMapper keeps (and resizes) annotations
-            augmentations=detection_utils.build_augmentation(cfg, is_train=False),
-            image_format=cfg.INPUT.FORMAT,
-        )
-        return build_detection_test_loader(cfg, dataset_name, mapper=mapper)
-
-    @classmethod
-    def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str = None):
+    def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: Optional[str] = None):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         return COCOEvaluator(dataset_name, output_dir=output_folder)
 
+    @classmethod
+    def test(cls, cfg: CfgNode, model: torch.nn.Module, evaluators=None) -> "OrderedDict[str, Any]":
+        """Detectron2's evaluation; ``MODEL.FCOS.INFERENCE_QUALITY: oracle`` evaluates through the
+        analysis API, which feeds the model ground-truth center-ness."""
+        if cfg.MODEL.META_ARCHITECTURE == "FCOS" and cfg.MODEL.FCOS.INFERENCE_QUALITY == "oracle":
+            from .analysis.oracle import test_with_oracle_quality
+
+            return test_with_oracle_quality(cfg, model, lambda name: cls.build_evaluator(cfg, name))
+        return super().test(cfg, model, evaluators)
+
 
 def build_cfg(config_file: str = "", opts: list = ()) -> CfgNode:
-    """Detectron2 defaults + FCOS + shapes keys, merged with a YAML file and ``KEY VALUE`` overrides."""
-    cfg = get_cfg()
-    add_fcos_config(cfg)
-    add_shapes_config(cfg)
-    cfg.SOLVER.OPTIMIZER = "SGD"  # or "ADAMW" (see Trainer.build_optimizer)
+    """Detectron2 defaults + fcos_d2 keys, merged with a YAML file and ``KEY VALUE`` overrides."""
+    cfg = add_fcos_config(get_cfg())
     if config_file:
         cfg.merge_from_file(config_file)
     cfg.merge_from_list(list(opts))
@@ -157,7 +127,7 @@ def setup(args) -> CfgNode:
     return cfg
 
 
-def main(args) -> Dict[str, Any]:
+def main(args) -> dict[str, Any]:
     """``train_net.py``'s body: train (optionally resuming) then evaluate, or only evaluate."""
     cfg = setup(args)
     if args.eval_only:
@@ -173,4 +143,4 @@ def main(args) -> Dict[str, Any]:
     trainer.resume_or_load(resume=args.resume)
     trainer.train()
     # DefaultTrainer's EvalHook always evaluates once at the end of training.
-    return getattr(trainer, "_last_eval_results", {})
+    return last_eval_results(trainer)

@@ -1,12 +1,10 @@
-import argparse
+"""Fixtures; helpers shared by the test modules live in ``helpers.py``."""
+
 import os
-from pathlib import Path
 
 import pytest
 import torch
-
-QUICKSTART = "configs/quickstart/FCOS_R_18_shapes.yaml"
-SHAPES_ROOT = None  # set by the shapes_root fixture
+from helpers import config_path, shrink
 
 # Two cores on CI: more threads only oversubscribe.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -14,106 +12,18 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 @pytest.fixture
 def cfg():
-    """A fresh Detectron2 config with the FCOS keys, on the CPU, with random initialisation."""
+    """A fresh Detectron2 config with the fcos_d2 keys, on the CPU, with random initialisation."""
     from detectron2.config import get_cfg
 
     from fcos_d2 import add_fcos_config
 
-    config = get_cfg()
-    add_fcos_config(config)
+    config = add_fcos_config(get_cfg())
     config.MODEL.DEVICE = "cpu"
     config.MODEL.WEIGHTS = ""
     return config
 
 
-def shrink(cfg, config_file: str):
-    """``config_file`` with a ResNet-18 from scratch, a 64-channel FPN and 2-conv towers, 3 classes."""
-    cfg.merge_from_file(config_file)
-    cfg.MODEL.WEIGHTS = ""
-    cfg.MODEL.RESNETS.DEPTH = 18
-    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
-    cfg.MODEL.RESNETS.NORM = "BN"
-    cfg.MODEL.BACKBONE.FREEZE_AT = 0
-    cfg.MODEL.FPN.OUT_CHANNELS = 64
-    cfg.MODEL.FCOS.NUM_CLS_CONVS = 2
-    cfg.MODEL.FCOS.NUM_BOX_CONVS = 2
-    cfg.MODEL.FCOS.NUM_CLASSES = 3
-    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 3
-    return cfg
-
-
 @pytest.fixture
 def tiny_cfg(cfg):
     """A small FCOS detector for quick training."""
-    return shrink(cfg, "configs/FCOS-Detection/Base-FCOS.yaml")
-
-
-def overfit(model, batch, iterations: int):
-    """Train ``model`` on one fixed batch with AdamW (lr 1e-3), then return its detections on it."""
-    from detectron2.utils.events import EventStorage
-
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
-    with EventStorage():
-        for _ in range(iterations):
-            loss = sum(model(batch).values())
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    model.eval()
-    with torch.no_grad():
-        return model(batch)[0]["instances"]
-
-
-def synthetic_image(height=128, width=128, boxes=(), classes=(), seed=0):
-    """A noisy image with each box painted brighter in the channel of its class, plus its Instances."""
-    from detectron2.structures import Boxes, Instances
-
-    generator = torch.Generator().manual_seed(seed)
-    image = torch.rand(3, height, width, generator=generator) * 60 + 100
-    for (x0, y0, x1, y1), c in zip(boxes, classes):
-        image[c, int(y0) : int(y1), int(x0) : int(x1)] += 80
-    instances = Instances(
-        (height, width),
-        gt_boxes=Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)),
-        gt_classes=torch.tensor(classes, dtype=torch.long),
-    )
-    return {"image": image, "instances": instances, "height": height, "width": width}
-
-
-@pytest.fixture(scope="session")
-def shapes_root(tmp_path_factory):
-    """One dataset folder per session: a registered name must keep pointing at the same files."""
-    global SHAPES_ROOT
-    SHAPES_ROOT = tmp_path_factory.mktemp("datasets")
-    return SHAPES_ROOT
-
-
-def tiny_opts(tmp_path: Path, max_iter: int, **extra) -> list:
-    """Quickstart config shrunk to seconds: 128x128 images, 16 train / 8 val, narrow FPN."""
-    assert SHAPES_ROOT is not None, "request the shapes_root fixture before calling tiny_opts"
-    opts = {
-        "OUTPUT_DIR": str(tmp_path / "out"),
-        "DATASETS.SHAPES.ROOT": str(SHAPES_ROOT),
-        "DATASETS.SHAPES.NUM_TRAIN": 16,
-        "DATASETS.SHAPES.NUM_VAL": 8,
-        "DATASETS.SHAPES.IMAGE_SIZE": [128, 128],
-        "INPUT.MIN_SIZE_TRAIN": (128,),
-        "INPUT.MAX_SIZE_TRAIN": 128,
-        "INPUT.MIN_SIZE_TEST": 128,
-        "INPUT.MAX_SIZE_TEST": 128,
-        "MODEL.FPN.OUT_CHANNELS": 64,
-        "SOLVER.IMS_PER_BATCH": 4,
-        "SOLVER.MAX_ITER": max_iter,
-        "SOLVER.WARMUP_ITERS": 1,
-        "SOLVER.STEPS": (max(1, max_iter - 2),),
-        "DATALOADER.NUM_WORKERS": 0,
-        "MODEL.DEVICE": "cpu",
-        **extra,
-    }
-    return [str(v) if not isinstance(v, str) else v for kv in opts.items() for v in kv]
-
-
-def args_for(opts: list, **kw) -> argparse.Namespace:
-    defaults = dict(config_file=QUICKSTART, resume=False, eval_only=False, num_gpus=1,
-                    num_machines=1, machine_rank=0, dist_url="auto", opts=opts)
-    return argparse.Namespace(**{**defaults, **kw})
+    return shrink(cfg, config_path("configs/FCOS-Detection/Base-FCOS.yaml"))

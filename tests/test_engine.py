@@ -1,4 +1,5 @@
 """The main job: train, evaluate, resume, multi-process training on CPUs, predict."""
+
 import json
 import math
 import os
@@ -9,24 +10,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import QUICKSTART, args_for, tiny_opts
 from detectron2.engine import DefaultPredictor, launch
 from detectron2.utils import comm
+from helpers import QUICKSTART, REPO, args_for, tiny_opts
 
 from fcos_d2.engine import Trainer, build_cfg, main, setup
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def _datasets(shapes_root):
-    """Every test of this module trains on the session's shared tiny shapes dataset."""
 
 
 def read_metrics(output_dir: Path) -> list:
     return [json.loads(line) for line in (output_dir / "metrics.json").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_short_training_then_coco_evaluation(tmp_path):
     results = main(args_for(tiny_opts(tmp_path, max_iter=12, **{"SOLVER.CHECKPOINT_PERIOD": 100})))
     assert set(results) == {"bbox"}
@@ -45,6 +40,7 @@ def test_short_training_then_coco_evaluation(tmp_path):
     assert again["bbox"]["AP"] == pytest.approx(results["bbox"]["AP"], nan_ok=True)
 
 
+@pytest.mark.slow
 def test_stop_and_resume_continue_at_the_right_iteration(tmp_path):
     opts = tiny_opts(tmp_path, max_iter=8, **{"SOLVER.CHECKPOINT_PERIOD": 4, "TEST.EVAL_PERIOD": 0})
     main(args_for(opts))
@@ -76,13 +72,19 @@ def _two_process_worker(opts: list, report_dir: str) -> None:
     history = trainer.storage.history("fcos/num_pos_per_worker").values()
     model = trainer.model.module if hasattr(trainer.model, "module") else trainer.model
     checksum = float(sum(p.double().sum() for p in model.parameters()))
-    report = {"num_pos": [v for v, _ in history], "checksum": checksum,
-              "ddp": type(trainer.model).__name__}
+    report = {
+        "num_pos": [v for v, _ in history],
+        "checksum": checksum,
+        "ddp": type(trainer.model).__name__,
+    }
     Path(report_dir, f"rank{comm.get_rank()}.json").write_text(json.dumps(report))
 
 
+@pytest.mark.slow
 def test_two_cpu_processes_train_and_agree(tmp_path):
-    opts = tiny_opts(tmp_path, max_iter=3, **{"SOLVER.CHECKPOINT_PERIOD": 100, "DATASETS.TEST": "()"})
+    opts = tiny_opts(
+        tmp_path, max_iter=3, **{"SOLVER.CHECKPOINT_PERIOD": 100, "DATASETS.TEST": "()"}
+    )
     launch(_two_process_worker, 2, dist_url="auto", args=(opts, str(tmp_path)))
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert reports[0]["ddp"] == "DistributedDataParallel"
@@ -93,19 +95,38 @@ def test_two_cpu_processes_train_and_agree(tmp_path):
     assert reports[0]["checksum"] == pytest.approx(reports[1]["checksum"], rel=1e-9)
 
 
+@pytest.mark.slow
 def test_train_net_script_with_two_cpu_processes(tmp_path):
     opts = tiny_opts(tmp_path, max_iter=2, **{"SOLVER.CHECKPOINT_PERIOD": 100})
-    cmd = [sys.executable, "train_net.py", "--config-file", QUICKSTART, "--num-gpus", "2",
-           "--dist-url", "auto", *opts]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    cmd = [
+        sys.executable,
+        "train_net.py",
+        "--config-file",
+        QUICKSTART,
+        "--num-gpus",
+        "2",
+        "--dist-url",
+        "auto",
+        *opts,
+    ]
+    done = subprocess.run(
+        cmd,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Final evaluation" in done.stdout
     assert [m["iteration"] for m in read_metrics(tmp_path / "out") if "total_loss" in m][-1] == 1
 
 
+@pytest.mark.slow
 def test_default_predictor_and_demo(tmp_path):
-    opts = tiny_opts(tmp_path, max_iter=2, **{"SOLVER.CHECKPOINT_PERIOD": 100, "DATASETS.TEST": "()"})
+    opts = tiny_opts(
+        tmp_path, max_iter=2, **{"SOLVER.CHECKPOINT_PERIOD": 100, "DATASETS.TEST": "()"}
+    )
     main(args_for(opts))
     cfg = build_cfg(QUICKSTART, opts + ["MODEL.WEIGHTS", str(tmp_path / "out/model_final.pth")])
     instances = DefaultPredictor(cfg)(np.zeros((100, 140, 3), dtype=np.uint8))["instances"]
@@ -118,22 +139,42 @@ def test_default_predictor_and_demo(tmp_path):
 
     cv2.imwrite(str(image_dir / "a.png"), np.full((64, 80, 3), 128, dtype=np.uint8))
     (image_dir / "broken.png").write_bytes(b"not an image")
-    demo = [sys.executable, "demo.py", "--config-file", QUICKSTART, "--input", str(image_dir),
-            "--output", str(tmp_path / "vis"), *opts, "MODEL.WEIGHTS", str(tmp_path / "out/model_final.pth")]
+    demo = [
+        sys.executable,
+        "demo.py",
+        "--config-file",
+        QUICKSTART,
+        "--input",
+        str(image_dir),
+        "--output",
+        str(tmp_path / "vis"),
+        *opts,
+        "MODEL.WEIGHTS",
+        str(tmp_path / "out/model_final.pth"),
+    ]
     done = subprocess.run(demo, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 1  # one unreadable file
     assert "cannot read image" in done.stderr and "broken.png" in done.stderr
     assert (tmp_path / "vis" / "a.png").exists()
-    missing = subprocess.run(demo[:5] + [str(tmp_path / "nope.jpg")] + demo[6:], cwd=REPO,
-                             capture_output=True, text=True, timeout=300)
+    missing = subprocess.run(
+        demo[:5] + [str(tmp_path / "nope.jpg")] + demo[6:],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert missing.returncode != 0 and "nope.jpg" in missing.stderr
 
 
+@pytest.mark.slow
 def test_cpu_amp_trains_in_bfloat16_with_float32_weights(tmp_path):
-    from fcos_d2.engine import CPUAutocastTrainer
+    from fcos_d2.d2_compat import CPUAutocastTrainer
 
-    opts = tiny_opts(tmp_path, max_iter=3, **{"SOLVER.AMP.ENABLED": True, "DATASETS.TEST": "()",
-                                              "SOLVER.CHECKPOINT_PERIOD": 100})
+    opts = tiny_opts(
+        tmp_path,
+        max_iter=3,
+        **{"SOLVER.AMP.ENABLED": True, "DATASETS.TEST": "()", "SOLVER.CHECKPOINT_PERIOD": 100},
+    )
     cfg = setup(args_for(opts))
     trainer = Trainer(cfg)
     assert isinstance(trainer._trainer, CPUAutocastTrainer)

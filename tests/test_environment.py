@@ -1,4 +1,5 @@
-"""The environment the project stands on: detectron2, torchvision ops and the ResNet-FPN backbone."""
+"""The environment the project stands on: detectron2, torchvision ops, the ResNet-FPN backbone."""
+
 import torch
 
 
@@ -29,9 +30,11 @@ def test_torchvision_roi_align_on_cpu():
     # A feature map whose value is its x coordinate: the average over any box is the box's x center.
     feature = torch.arange(16, dtype=torch.float32).repeat(16, 1)[None, None]
     rois = torch.tensor([[0, 2.0, 3.0, 6.0, 9.0]])
-    out = roi_align(feature, rois, output_size=(2, 2), spatial_scale=1.0, sampling_ratio=2, aligned=True)
+    out = roi_align(
+        feature, rois, output_size=(2, 2), spatial_scale=1.0, sampling_ratio=2, aligned=True
+    )
     assert out.shape == (1, 1, 2, 2)
-    # aligned=True samples at pixel centres shifted by -0.5: bins cover x in [1.5, 3.5] and [3.5, 5.5].
+    # aligned=True samples at pixel centres shifted by -0.5: bins cover x in [1.5, 3.5], [3.5, 5.5].
     torch.testing.assert_close(out[0, 0, :, 0], torch.tensor([2.5, 2.5]))
     torch.testing.assert_close(out[0, 0, :, 1], torch.tensor([4.5, 4.5]))
 

@@ -1,10 +1,12 @@
 """FCOS losses on crafted predictions against closed-form values."""
+
 import math
 
 import pytest
 import torch
 
-from fcos_d2.modeling.losses import FCOSLoss, box_loss, iou_and_giou_from_ltrb
+from fcos_d2.modeling.box_ops import iou_and_giou_from_ltrb
+from fcos_d2.modeling.losses import FCOSLoss, box_loss
 from fcos_d2.modeling.targets import FCOSTargets
 
 LN2 = math.log(2.0)
@@ -72,7 +74,9 @@ def test_paper_normalisers_iou_loss_unweighted():
     cls_logits, box_reg, quality_logits, targets = _crafted()
     loss = FCOSLoss(num_classes=2, loc_loss_type="iou", reg_loss_weighting="none")
     losses, _ = loss(cls_logits, box_reg, quality_logits, targets)
-    assert losses["loss_fcos_loc"].item() == pytest.approx((-math.log(2.25 / 5.5) + 0.0) / 2, abs=1e-6)
+    assert losses["loss_fcos_loc"].item() == pytest.approx(
+        (-math.log(2.25 / 5.5) + 0.0) / 2, abs=1e-6
+    )
 
 
 def test_iou_quality_targets_are_detached_ious_and_box_loss_unweighted():
@@ -94,7 +98,9 @@ def test_iou_quality_targets_are_detached_ious_and_box_loss_unweighted():
 def test_cls_normalisers_all_and_moving_fg():
     cls_logits, box_reg, quality_logits, targets = _crafted()
     raw_sum = 2 * FOCAL_POS_AT_HALF + 4 * FOCAL_NEG_AT_HALF
-    losses, _ = FCOSLoss(num_classes=2, cls_normalizer="all")(cls_logits, box_reg, quality_logits, targets)
+    losses, _ = FCOSLoss(num_classes=2, cls_normalizer="all")(
+        cls_logits, box_reg, quality_logits, targets
+    )
     assert losses["loss_fcos_cls"].item() == pytest.approx(raw_sum / 3)  # 3 locations
     moving = FCOSLoss(num_classes=2, cls_normalizer="moving_fg")
     losses, _ = moving(cls_logits, box_reg, quality_logits, targets)
@@ -111,7 +117,9 @@ def test_batch_without_positives_gives_finite_losses_and_a_graph():
     box_reg = torch.rand(2, 5, 4).requires_grad_()
     quality_logits = torch.zeros(2, 5, requires_grad=True)
     for kw in ({}, {"box_quality": "iou"}, {"loc_loss_type": "iou", "reg_loss_weighting": "none"}):
-        losses, num_pos = FCOSLoss(num_classes=3, **kw)(cls_logits, box_reg, quality_logits, targets)
+        losses, num_pos = FCOSLoss(num_classes=3, **kw)(
+            cls_logits, box_reg, quality_logits, targets
+        )
         assert num_pos.item() == 0
         total = sum(losses.values())
         assert torch.isfinite(total)

@@ -1,23 +1,31 @@
-"""The FCOS meta-architecture: configs, state-dict layout, head variants, training and overfitting."""
+"""The FCOS meta-architecture: configs, state-dict layout, head variants, training, overfitting."""
+
 import glob
 
 import pytest
 import torch
-from conftest import overfit, synthetic_image
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, pairwise_iou
 from detectron2.utils.events import EventStorage
+from helpers import config_path, overfit, synthetic_image
 
 from fcos_d2.modeling.head import FCOSHead
 
-DETECTION_CONFIGS = sorted(glob.glob("configs/FCOS-Detection/**/*.yaml", recursive=True))
+DETECTION_CONFIGS = sorted(
+    glob.glob(config_path("configs/FCOS-Detection/**/*.yaml"), recursive=True)
+)
 
 
 def test_config_list_is_complete():
     names = {path.split("FCOS-Detection/")[1] for path in DETECTION_CONFIGS}
     assert names >= {
-        "Base-FCOS.yaml", "R_50_1x.yaml", "MS_R_50_2x.yaml", "MS_R_101_2x.yaml",
-        "MS_X_101_32x8d_2x.yaml", "MS_X_101_64x4d_2x.yaml", "R_50_1x_iou.yaml",
+        "Base-FCOS.yaml",
+        "R_50_1x.yaml",
+        "MS_R_50_2x.yaml",
+        "MS_R_101_2x.yaml",
+        "MS_X_101_32x8d_2x.yaml",
+        "MS_X_101_64x4d_2x.yaml",
+        "R_50_1x_iou.yaml",
         "paper/R_50_1x_iccv2019.yaml",
     }
 
@@ -31,7 +39,11 @@ def test_every_config_builds_trains_and_infers(cfg, path):
     batch = [synthetic_image(96, 128, boxes=[[10, 10, 60, 50]], classes=[1])]
     with EventStorage():
         losses = model(batch)
-    assert set(losses) == {"loss_fcos_cls", "loss_fcos_loc", f"loss_fcos_{'iou' if 'iou' in path else 'ctr'}"}
+    assert set(losses) == {
+        "loss_fcos_cls",
+        "loss_fcos_loc",
+        f"loss_fcos_{'iou' if 'iou' in path else 'ctr'}",
+    }
     assert all(torch.isfinite(v) for v in losses.values())
     model.eval()
     with torch.no_grad():
@@ -40,14 +52,14 @@ def test_every_config_builds_trains_and_infers(cfg, path):
 
 
 def test_r50_parameter_count_matches_the_authors_layout(cfg):
-    cfg.merge_from_file("configs/FCOS-Detection/R_50_1x.yaml")
+    cfg.merge_from_file(config_path("configs/FCOS-Detection/R_50_1x.yaml"))
     model = build_model(cfg)
     assert sum(p.numel() for p in model.parameters()) == 32_244_250
 
 
 def test_head_state_dict_names_follow_the_authors_release(cfg):
-    cfg.merge_from_file("configs/FCOS-Detection/R_50_1x.yaml")
-    head_keys = {k[len("head."):] for k in build_model(cfg).state_dict() if k.startswith("head.")}
+    cfg.merge_from_file(config_path("configs/FCOS-Detection/R_50_1x.yaml"))
+    head_keys = {k[len("head.") :] for k in build_model(cfg).state_dict() if k.startswith("head.")}
     expected = set()
     for tower in ("cls_tower", "bbox_tower"):
         for conv, norm in ((0, 1), (3, 4), (6, 7), (9, 10)):  # conv, GN, ReLU per block
@@ -60,7 +72,7 @@ def test_head_state_dict_names_follow_the_authors_release(cfg):
 
 
 def test_top_levels_from_p5_or_c5(cfg):
-    cfg.merge_from_file("configs/FCOS-Detection/R_50_1x.yaml")
+    cfg.merge_from_file(config_path("configs/FCOS-Detection/R_50_1x.yaml"))
     p6_from_p5 = build_model(cfg).backbone.top_block.p6.weight.shape
     cfg.MODEL.FCOS.TOP_LEVELS_IN_FEATURE = "res5"
     p6_from_c5 = build_model(cfg).backbone.top_block.p6.weight.shape
@@ -112,7 +124,10 @@ def test_classifier_prior_and_activations():
 
 def test_centerness_branch_placement():
     features = [torch.randn(1, 32, 8, 8), torch.randn(1, 32, 4, 4)]
-    for on_reg, moved, still in ((True, "bbox_tower", "cls_tower"), (False, "cls_tower", "bbox_tower")):
+    for on_reg, moved, still in (
+        (True, "bbox_tower", "cls_tower"),
+        (False, "cls_tower", "bbox_tower"),
+    ):
         head = _head(centerness_on_reg=on_reg)
         before = head(features).quality_logits[0].clone()
         with torch.no_grad():
@@ -149,6 +164,7 @@ def test_training_step_with_a_zero_box_image(tiny_cfg):
     assert grads and all(torch.isfinite(g).all() for g in grads)
 
 
+@pytest.mark.slow
 def test_overfits_one_image(tiny_cfg):
     torch.manual_seed(0)
     model = build_model(tiny_cfg)
@@ -165,14 +181,14 @@ def test_overfits_one_image(tiny_cfg):
 
 
 def test_builds_from_lazy_config_keyword_arguments():
-    """The same modules build without yacs: LazyCall + instantiate, as in Detectron2's LazyConfig."""
+    """The same modules build without yacs: LazyCall + instantiate, as Detectron2's LazyConfig."""
     from detectron2.config import LazyCall as L
     from detectron2.config import instantiate
     from detectron2.layers import ShapeSpec
     from detectron2.modeling.backbone import BasicStem, ResNet
     from detectron2.modeling.backbone.fpn import FPN, LastLevelP6P7
 
-    from fcos_d2.modeling import FCOS, FCOSLoss, FCOSPostProcessor, FCOSTargetAssigner
+    from fcos_d2.modeling import FCOS, FCOSCore, FCOSLoss, FCOSPostProcessor, FCOSTargetAssigner
 
     strides = [8, 16, 32, 64, 128]
     lazy = L(FCOS)(
@@ -186,14 +202,19 @@ def test_builds_from_lazy_config_keyword_arguments():
             out_channels=64,
             top_block=L(LastLevelP6P7)(in_channels=64, out_channels=64, in_feature="p5"),
         ),
-        head=L(FCOSHead)(input_shape=[ShapeSpec(channels=64, stride=s) for s in strides], num_classes=3),
-        head_in_features=["p3", "p4", "p5", "p6", "p7"],
-        strides=strides,
-        target_assigner=L(FCOSTargetAssigner)(
-            strides=strides, sizes_of_interest=[64, 128, 256, 512], num_classes=3
+        head=L(FCOSHead)(
+            input_shape=[ShapeSpec(channels=64, stride=s) for s in strides], num_classes=3
         ),
-        loss=L(FCOSLoss)(num_classes=3),
-        postprocessor=L(FCOSPostProcessor)(strides=strides),
+        head_in_features=["p3", "p4", "p5", "p6", "p7"],
+        core=L(FCOSCore)(
+            strides=strides,
+            num_classes=3,
+            target_assigner=L(FCOSTargetAssigner)(
+                strides=strides, sizes_of_interest=[64, 128, 256, 512], num_classes=3
+            ),
+            loss=L(FCOSLoss)(num_classes=3),
+            postprocessor=L(FCOSPostProcessor)(strides=strides),
+        ),
         pixel_mean=[103.53, 116.28, 123.675],
         pixel_std=[1.0, 1.0, 1.0],
     )
@@ -208,7 +229,11 @@ def test_builds_from_lazy_config_keyword_arguments():
     [
         ("PRIOR_PROB", 0.0, "PRIOR_PROB must be in"),
         ("NUM_CLASSES", 0, "NUM_CLASSES must be >= 1"),
-        ("SIZES_OF_INTEREST", [64, 32, 256, 512], "SIZES_OF_INTEREST must be positive and increasing"),
+        (
+            "SIZES_OF_INTEREST",
+            [64, 32, 256, 512],
+            "SIZES_OF_INTEREST must be positive and increasing",
+        ),
         ("POS_RADIUS", -1.0, "POS_RADIUS must be >= 0"),
         ("TARGETS_MAX_PAIRS_PER_CHUNK", 0, "TARGETS_MAX_PAIRS_PER_CHUNK must be >= 1"),
         ("INFERENCE_QUALITY", "magic", "INFERENCE_QUALITY must be one of"),

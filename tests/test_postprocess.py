@@ -1,15 +1,22 @@
 """Post-processing: ideal head outputs decode back to exactly the ground truth."""
+
 import torch
 from detectron2.structures import Boxes, Instances
 
+from fcos_d2.modeling.box_ops import centerness_from_ltrb, compute_locations
 from fcos_d2.modeling.postprocess import FCOSPostProcessor
-from fcos_d2.modeling.targets import FCOSTargetAssigner, centerness_from_ltrb, compute_locations
+from fcos_d2.modeling.targets import FCOSTargetAssigner
 
 STRIDES = (8, 16, 32, 64, 128)
 IMAGE_SIZE = (192, 256)
 NUM_CLASSES = 4
 GT_BOXES = torch.tensor(
-    [[10.0, 12.0, 50.0, 40.0], [30.0, 20.0, 180.0, 150.0], [120.0, 100.0, 250.0, 190.0], [0, 0, 256, 192]]
+    [
+        [10.0, 12.0, 50.0, 40.0],
+        [30.0, 20.0, 180.0, 150.0],
+        [120.0, 100.0, 250.0, 190.0],
+        [0, 0, 256, 192],
+    ]
 )
 GT_CLASSES = torch.tensor([2, 0, 3, 1])
 
@@ -19,7 +26,9 @@ def ideal_outputs(normalize: bool):
     sizes = [(-(-IMAGE_SIZE[0] // s), -(-IMAGE_SIZE[1] // s)) for s in STRIDES]
     locations = compute_locations(sizes, STRIDES, torch.device("cpu"))
     assigner = FCOSTargetAssigner(
-        strides=STRIDES, sizes_of_interest=[64, 128, 256, 512], num_classes=NUM_CLASSES,
+        strides=STRIDES,
+        sizes_of_interest=[64, 128, 256, 512],
+        num_classes=NUM_CLASSES,
         normalize_reg_targets=normalize,
     )
     gt = Instances(IMAGE_SIZE, gt_boxes=Boxes(GT_BOXES), gt_classes=GT_CLASSES)
@@ -51,7 +60,7 @@ def test_ideal_outputs_decode_to_exactly_the_gt():
         gt_boxes, gt_classes = _sorted(GT_BOXES, GT_CLASSES)
         torch.testing.assert_close(boxes, gt_boxes)
         assert classes.tolist() == gt_classes.tolist()
-        # The best location of each box has center-ness 1 or close: score sqrt(0.9 * ctr) <= sqrt(0.9).
+        # Each box's best location has center-ness 1 or close: score sqrt(0.9 * ctr) <= sqrt(0.9).
         assert (result.scores <= 0.9**0.5 + 1e-6).all() and (result.scores > 0.5).all()
         assert result.scores.tolist() == sorted(result.scores.tolist(), reverse=True)
 

@@ -4,6 +4,7 @@ Most tests share one split of 60 images of 256x256 (seed 0, up to 8 objects), ge
 module. Known answers of that spec: images 25 and 50 are the empty ones (every 25th image), and
 every other image has at least one object (the first object of an image is always placed).
 """
+
 import itertools
 import json
 import os

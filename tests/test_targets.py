@@ -11,13 +11,15 @@ Without center sampling (worked by hand from eq. (1) and the range rule):
 - P4, A: (8, 8), (24, 8), (8, 40), (24, 40) (max = 36 >= 32); the y = 24 row has max < 32.
 - P4, B: all 9 locations of x, y in {24, 40, 56}; (24, 40) goes to A.
 """
+
 import math
 
 import pytest
 import torch
 from detectron2.structures import Boxes, Instances
 
-from fcos_d2.modeling.targets import FCOSTargetAssigner, centerness_from_ltrb, compute_locations
+from fcos_d2.modeling.box_ops import centerness_from_ltrb, compute_locations
+from fcos_d2.modeling.targets import FCOSTargetAssigner
 
 STRIDES = (8, 16)
 FEATURE_SIZES = ((8, 8), (4, 4))
@@ -80,7 +82,9 @@ def test_positive_locations_levels_and_min_area_without_center_sampling():
     assert _positives(targets, 0, 0) == a_p3
     assert _positives(targets, 0, 1) == {(36, 28), (36, 36), (44, 28), (44, 36)}
     assert _positives(targets, 1, 0) == {(8, 8), (24, 8), (8, 40), (24, 40)}
-    assert _positives(targets, 1, 1) == {(x, y) for x in (24, 40, 56) for y in (24, 40, 56)} - {(24, 40)}
+    assert _positives(targets, 1, 1) == {(x, y) for x in (24, 40, 56) for y in (24, 40, 56)} - {
+        (24, 40)
+    }
     assert int((targets.matched_gt >= 0).sum()) == 12 + 4 + 4 + 8
     # Labels follow the matched box; background is NUM_CLASSES.
     labels = targets.labels[0]

@@ -17,11 +17,11 @@ train-time, ``--input-size train``). Inference-time center-ness ablations (Table
 switches instead: ``MODEL.FCOS.INFERENCE_QUALITY branch|none|from_regression|oracle`` with
 ``train_net.py --eval-only``.
 """
+
 import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Dict, List
 
 import matplotlib
 
@@ -48,6 +48,7 @@ from .detections import (  # noqa: E402
     low_quality_share,
     score_iou_before_nms,
 )
+from .oracle import build_annotated_test_loader  # noqa: E402
 
 COMMANDS = ("bpr", "ambiguity", "centerness", "pr-curves")
 BPR_COLUMNS = (("bpr", "BPR %"),)
@@ -60,11 +61,16 @@ AMBIGUITY_COLUMNS = (
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m fcos_d2.analysis", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m fcos_d2.analysis",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("command", choices=COMMANDS)
     parser.add_argument("--config-file", required=True, metavar="FILE")
-    parser.add_argument("--dataset", help="registered dataset (default: the first of DATASETS.TEST)")
+    parser.add_argument(
+        "--dataset", help="registered dataset (default: the first of DATASETS.TEST)"
+    )
     parser.add_argument("--output", help="folder for the JSON and PNG files")
     parser.add_argument("--input-size", choices=("test", "train"), default="test")
     parser.add_argument("--max-images", type=int, default=0, help="use only the first N images")
@@ -82,7 +88,7 @@ def fcos_without_fpn(cfg) -> FCOSTargetAssigner:
     return FCOSTargetAssigner(single)
 
 
-def run_assignment(command: str, cfg, records: List[dict], input_size: str) -> Dict:
+def run_assignment(command: str, cfg, records: list[dict], input_size: str) -> dict:
     if input_size == "test":
         min_size, max_size = cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST
     else:
@@ -96,11 +102,16 @@ def run_assignment(command: str, cfg, records: List[dict], input_size: str) -> D
     for rule in rules:
         stats = retinanet_assignment_stats(images, rule).summary()
         # Anchors are not "inside" boxes: Table 2's ambiguity is defined for FCOS locations only.
-        results[f"RetinaNet ({rule})"] = {k: v for k, v in stats.items() if not k.startswith("ambiguous")}
+        results[f"RetinaNet ({rule})"] = {
+            k: v for k, v in stats.items() if not k.startswith("ambiguous")
+        }
     columns = BPR_COLUMNS if command == "bpr" else AMBIGUITY_COLUMNS
     print(f"{'method':<30}" + "".join(f"{title:>14}" for _, title in columns))
     for method, values in results.items():
-        print(f"{method:<30}" + "".join(f"{values.get(key, float('nan')):>14.2f}" for key, _ in columns))
+        print(
+            f"{method:<30}"
+            + "".join(f"{values.get(key, float('nan')):>14.2f}" for key, _ in columns)
+        )
     return {"input_size": [min_size, max_size], "num_images": len(images), "results": results}
 
 
@@ -112,16 +123,15 @@ def load_model(cfg):
     return model
 
 
-def run_centerness(cfg, dataset: str, max_images: int, output: Path) -> Dict:
+def run_centerness(cfg, dataset: str, max_images: int, output: Path) -> dict:
     model = load_model(cfg)
-    annotated = cfg.clone()
-    annotated.defrost()
-    annotated.MODEL.FCOS.INFERENCE_QUALITY = "oracle"  # selects the loader that keeps annotations
-    pairs: Dict[str, Dict[str, List[float]]] = {"without_ctr": {"score": [], "iou": []},
-                                                "with_ctr": {"score": [], "iou": []}}
+    pairs: dict[str, dict[str, list[float]]] = {
+        "without_ctr": {"score": [], "iou": []},
+        "with_ctr": {"score": [], "iou": []},
+    }
     seen = 0
     with torch.no_grad():
-        for inputs in Trainer.build_test_loader(annotated, dataset):
+        for inputs in build_annotated_test_loader(cfg, dataset):
             for name, values in score_iou_before_nms(model, inputs).items():
                 pairs[name]["score"] += values["score"]
                 pairs[name]["iou"] += values["iou"]
@@ -130,35 +140,52 @@ def run_centerness(cfg, dataset: str, max_images: int, output: Path) -> Dict:
                 break
     figure, axes = plt.subplots(1, 2, figsize=(10, 4.6), sharey=True)
     summary = {}
-    for axis, (name, title) in zip(axes, (("without_ctr", "without center-ness"),
-                                          ("with_ctr", "with center-ness"))):
+    for axis, (name, title) in zip(
+        axes, (("without_ctr", "without center-ness"), ("with_ctr", "with center-ness"))
+    ):
         scores, ious = pairs[name]["score"], pairs[name]["iou"]
         axis.scatter(scores, ious, s=2, alpha=0.3)
         axis.plot([0, 1], [0, 1], "r--", linewidth=1)
         axis.set(title=title, xlabel="score", xlim=(0, 1), ylim=(0, 1))
-        summary[name] = {"detections": len(scores), "low_quality_share_top10pct": low_quality_share(scores, ious)}
+        summary[name] = {
+            "detections": len(scores),
+            "low_quality_share_top10pct": low_quality_share(scores, ious),
+        }
     axes[0].set_ylabel("IoU with the best-matching GT box")
     figure.tight_layout()
     figure.savefig(output / "centerness.png", dpi=120)
     plt.close(figure)
     for name, values in summary.items():
-        print(f"{name:<12} detections {values['detections']:>7}   "
-              f"IoU<0.5 among the top 10% by score: {100 * values['low_quality_share_top10pct']:.1f}%")
+        print(
+            f"{name:<12} detections {values['detections']:>7}   "
+            f"IoU<0.5 among the top 10% by score: {100 * values['low_quality_share_top10pct']:.1f}%"
+        )
     return {"num_images": seen, "summary": summary, "pairs": pairs}
 
 
-def run_pr_curves(cfg, dataset: str, max_images: int, output: Path) -> Dict:
+def run_pr_curves(cfg, dataset: str, max_images: int, output: Path) -> dict:
     model = load_model(cfg)
-    detections, image_ids = coco_detections(model, Trainer.build_test_loader(cfg, dataset), max_images)
+    detections, image_ids = coco_detections(
+        model, Trainer.build_test_loader(cfg, dataset), max_images
+    )
     coco_gt = COCO(MetadataCatalog.get(dataset).json_file)
     coco_gt.imgs = {i: coco_gt.imgs[i] for i in image_ids}
     curves = class_agnostic_pr(coco_gt, detections)
     figure, axis = plt.subplots(figsize=(5.5, 4.6))
     for iou, curve in curves.items():
         pairs = [(r, p) for r, p in zip(curve["recall"], curve["precision"]) if p > -1]
-        axis.plot([r for r, _ in pairs], [p for _, p in pairs], label=f"IoU {iou}: AP {100 * curve['ap']:.1f}")
-    axis.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.01),
-             title="class-agnostic precision-recall")
+        axis.plot(
+            [r for r, _ in pairs],
+            [p for _, p in pairs],
+            label=f"IoU {iou}: AP {100 * curve['ap']:.1f}",
+        )
+    axis.set(
+        xlabel="recall",
+        ylabel="precision",
+        xlim=(0, 1),
+        ylim=(0, 1.01),
+        title="class-agnostic precision-recall",
+    )
     axis.legend()
     figure.tight_layout()
     figure.savefig(output / "pr-curves.png", dpi=120)
@@ -178,7 +205,9 @@ def main(argv=None) -> int:
     cfg.freeze()
     register_shapes_from_config(cfg)
     if dataset not in DatasetCatalog.list():
-        raise SystemExit(f"dataset {dataset!r} is not registered (known: {sorted(DatasetCatalog.list())[:8]}...)")
+        raise SystemExit(
+            f"dataset {dataset!r} is not registered (known: {sorted(DatasetCatalog.list())[:8]}...)"
+        )
     output = Path(args.output or Path(cfg.OUTPUT_DIR) / "analysis")
     output.mkdir(parents=True, exist_ok=True)
     if args.command in ("bpr", "ambiguity"):
@@ -191,7 +220,10 @@ def main(argv=None) -> int:
         result = run_pr_curves(cfg, dataset, args.max_images, output)
     target = output / f"{args.command}.json"
     target.write_text(json.dumps(result, indent=1))
-    print(f"wrote {target}" + (f" and {target.with_suffix('.png')}" if args.command in COMMANDS[2:] else ""))
+    print(
+        f"wrote {target}"
+        + (f" and {target.with_suffix('.png')}" if args.command in COMMANDS[2:] else "")
+    )
     return 0
 
 

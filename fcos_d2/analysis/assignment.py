@@ -5,9 +5,10 @@ RetinaNet's anchors.
 FCOS numbers come from the detector's own :class:`FCOSTargetAssigner`; RetinaNet's from
 Detectron2's ``DefaultAnchorGenerator`` (9 anchors per location) and ``Matcher``.
 """
+
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Sequence, Tuple
 
 import torch
 from detectron2.data.transforms import ResizeShortestEdge
@@ -17,7 +18,8 @@ from detectron2.modeling.matcher import Matcher
 from detectron2.structures import Boxes, BoxMode, pairwise_iou
 from torch import Tensor
 
-from ..modeling.targets import FCOSTargetAssigner, compute_locations
+from ..modeling.box_ops import compute_locations
+from ..modeling.targets import FCOSTargetAssigner
 
 RETINANET_STRIDES = (8, 16, 32, 64, 128)
 RETINANET_SIZES = [[s, s * 2 ** (1 / 3), s * 2 ** (2 / 3)] for s in (32, 64, 128, 256, 512)]
@@ -33,12 +35,12 @@ class GroundTruth:
 
     boxes: Tensor
     classes: Tensor
-    image_size: Tuple[int, int]
+    image_size: tuple[int, int]
 
 
 def ground_truth_at_input_size(
     records: Iterable[dict], min_size: int, max_size: int
-) -> List[GroundTruth]:
+) -> list[GroundTruth]:
     """Non-crowd boxes of each record, resized as ResizeShortestEdge(min_size, max_size) would."""
     images = []
     for record in records:
@@ -55,7 +57,7 @@ def ground_truth_at_input_size(
     return images
 
 
-def feature_sizes(image_size: Tuple[int, int], strides: Sequence[int], size_divisibility: int = 32):
+def feature_sizes(image_size: tuple[int, int], strides: Sequence[int], size_divisibility: int = 32):
     """(H, W) of each level for an input padded to ``size_divisibility``.
 
     Levels above the padding unit (P6, P7) come from stride-2 convs, i.e. ceil-halving, which from
@@ -77,7 +79,7 @@ class AssignmentStats:
     samples: int = 0
     images: int = 0
 
-    def summary(self) -> Dict[str, float]:
+    def summary(self) -> dict[str, float]:
         pct = lambda a, b: 100.0 * a / b if b else float("nan")  # noqa: E731
         return {
             "bpr": pct(self.recalled, self.num_boxes),
@@ -89,14 +91,17 @@ class AssignmentStats:
         }
 
 
-def fcos_assignment_stats(assigner: FCOSTargetAssigner, images: List[GroundTruth]) -> AssignmentStats:
+def fcos_assignment_stats(
+    assigner: FCOSTargetAssigner, images: list[GroundTruth]
+) -> AssignmentStats:
     """BPR (a box counts if at least one location is assigned to it) and ambiguity: a positive
     location is ambiguous when it is a candidate of several boxes (Table 2), of different classes
     for the "diff." column."""
     stats = AssignmentStats()
     for gt in images:
-        locations = compute_locations(feature_sizes(gt.image_size, assigner.strides), assigner.strides,
-                                      torch.device("cpu"))
+        locations = compute_locations(
+            feature_sizes(gt.image_size, assigner.strides), assigner.strides, torch.device("cpu")
+        )
         points, strides, size_ranges = assigner.flatten_levels(locations)
         candidates = assigner.candidates(points, strides, size_ranges, gt.boxes)
         matched = assigner.match(points, strides, size_ranges, gt.boxes)
@@ -116,18 +121,22 @@ def fcos_assignment_stats(assigner: FCOSTargetAssigner, images: List[GroundTruth
     return stats
 
 
-def retinanet_assignment_stats(images: List[GroundTruth], rule: str) -> AssignmentStats:
+def retinanet_assignment_stats(images: list[GroundTruth], rule: str) -> AssignmentStats:
     """BPR and sample counts of RetinaNet's anchors under one of :data:`RETINANET_RULES`."""
     if rule not in RETINANET_RULES:
         raise ValueError(f"unknown RetinaNet matching rule {rule!r}; choose from {RETINANET_RULES}")
     generator = DefaultAnchorGenerator(
-        sizes=RETINANET_SIZES, aspect_ratios=RETINANET_ASPECT_RATIOS, strides=list(RETINANET_STRIDES),
+        sizes=RETINANET_SIZES,
+        aspect_ratios=RETINANET_ASPECT_RATIOS,
+        strides=list(RETINANET_STRIDES),
         offset=0.0,
     )
     matcher = Matcher([0.4, 0.5], [0, -1, 1], allow_low_quality_matches=rule != "iou>=0.5")
     stats = AssignmentStats()
     for gt in images:
-        grids = [torch.zeros(1, 1, h, w) for h, w in feature_sizes(gt.image_size, RETINANET_STRIDES)]
+        grids = [
+            torch.zeros(1, 1, h, w) for h, w in feature_sizes(gt.image_size, RETINANET_STRIDES)
+        ]
         anchors = Boxes.cat(generator(grids))
         stats.num_boxes += len(gt.boxes)
         stats.samples += len(anchors)

@@ -2,10 +2,11 @@
 0.75 and 0.90 (appendix, Table 7 / Figs. 4-6) and classification score vs IoU before NMS, without
 and with center-ness (appendix Sec. 8, Fig. 7).
 """
+
 import contextlib
 import copy
 import io
-from typing import Dict, Iterable, List, Sequence, Tuple
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -15,13 +16,12 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import Tensor
 
-from ..modeling.fcos import FCOS, dense_probabilities
-from ..modeling.postprocess import FCOSPostProcessor
+from ..modeling.fcos import FCOS
 
 PR_IOUS = (0.50, 0.75, 0.90)
 
 
-def class_agnostic_pr(coco_gt: COCO, detections: List[dict], ious: Sequence[float] = PR_IOUS):
+def class_agnostic_pr(coco_gt: COCO, detections: list[dict], ious: Sequence[float] = PR_IOUS):
     """COCOeval with categories ignored: per IoU, the 101-point recall grid, the interpolated
     precision at each point (-1 where the recall is not reached) and the AP (all areas, 100
     detections per image)."""
@@ -47,11 +47,13 @@ def class_agnostic_pr(coco_gt: COCO, detections: List[dict], ious: Sequence[floa
     return curves
 
 
-def coco_detections(model: FCOS, loader: Iterable, max_images: int = 0) -> Tuple[List[dict], List[int]]:
+def coco_detections(
+    model: FCOS, loader: Iterable, max_images: int = 0
+) -> tuple[list[dict], list[int]]:
     """Run ``model`` over ``loader``: its detections in COCO json form, and the ids of every image
     it ran on (also those without detections, whose boxes still count as missed)."""
-    results: List[dict] = []
-    image_ids: List[int] = []
+    results: list[dict] = []
+    image_ids: list[int] = []
     with torch.no_grad():
         for inputs in loader:
             for record, output in zip(inputs, model(inputs)):
@@ -62,33 +64,23 @@ def coco_detections(model: FCOS, loader: Iterable, max_images: int = 0) -> Tuple
     return results, image_ids
 
 
-def score_iou_before_nms(model: FCOS, inputs: List[dict]) -> Dict[str, Dict[str, List[float]]]:
+def score_iou_before_nms(model: FCOS, inputs: list[dict]) -> dict[str, dict[str, list[float]]]:
     """Every detection that survives the score threshold and the per-level top-k, before NMS, as
     (score, IoU with its best-matching GT box): scored by the class probability alone
     ("without_ctr") and by class probability x center-ness ("with_ctr")."""
-    images = model.preprocess_image(inputs)
-    features = model.backbone(images.tensor)
-    features = [features[f] for f in model.head_in_features]
-    predictions = model.head(features)
-    locations = model.locations(features)
-    cls_probs, box_reg, quality = dense_probabilities(predictions, model.num_classes)
-    base = model.postprocessor
-    no_nms = FCOSPostProcessor(
-        strides=base.strides,
-        score_threshold=base.score_threshold,
-        pre_nms_topk=base.pre_nms_topk,
-        post_nms_topk=1 << 30,
-        nms_threshold=1.0,  # suppresses nothing: IoU is never above 1
-        thresh_with_quality=base.thresh_with_quality,
-        score_sqrt=False,
-        normalized_reg=base.normalized_reg,
+    images, features, predictions = model.dense_predictions(inputs)
+    # Every candidate that survives the threshold and top-k: nothing suppressed, nothing capped.
+    no_nms = model.core.postprocessor.replace(
+        post_nms_topk=1 << 30, nms_threshold=1.0, score_sqrt=False
     )
-    pairs: Dict[str, Dict[str, List[float]]] = {}
-    ones = [torch.ones_like(q) for q in quality]
-    for name, q in (("without_ctr", ones), ("with_ctr", quality)):
-        scores: List[float] = []
-        ious: List[float] = []
-        for record, detections in zip(inputs, no_nms(locations, cls_probs, box_reg, q, images.image_sizes)):
+    pairs: dict[str, dict[str, list[float]]] = {}
+    for name, quality in (("without_ctr", "none"), ("with_ctr", "branch")):
+        scores: list[float] = []
+        ious: list[float] = []
+        detections_per_image = model.core.inference(
+            features, predictions, images.image_sizes, quality=quality, postprocessor=no_nms
+        )
+        for record, detections in zip(inputs, detections_per_image):
             gt_boxes = record["instances"].gt_boxes.to(detections.pred_boxes.device)
             best = _best_iou(gt_boxes, detections.pred_boxes)
             scores += detections.scores.tolist()
@@ -103,7 +95,9 @@ def _best_iou(gt_boxes, pred_boxes) -> Tensor:
     return pairwise_iou(pred_boxes, gt_boxes).max(dim=1).values
 
 
-def low_quality_share(scores: Sequence[float], ious: Sequence[float], top_fraction: float = 0.1) -> float:
+def low_quality_share(
+    scores: Sequence[float], ious: Sequence[float], top_fraction: float = 0.1
+) -> float:
     """Share of IoU < 0.5 boxes among the ``top_fraction`` highest-scored detections."""
     if not scores:
         return float("nan")

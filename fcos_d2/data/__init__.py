@@ -1,4 +1,5 @@
 """Datasets: the synthetic "shapes" set that the quickstart trains on without any download."""
+
 from .shapes import (
     SHAPES_CLASSES,
     ShapesSpec,

@@ -1,6 +1,7 @@
-"""The embedded "shapes" datasets, registered under stable names from ``DATASETS.SHAPES.*``."""
+"""The embedded "shapes" datasets, registered under stable names from ``DATASETS.SHAPES.*``
+(keys added by :func:`fcos_d2.add_fcos_config`)."""
+
 from pathlib import Path
-from typing import Dict
 
 from detectron2.config import CfgNode as CN
 from detectron2.utils import comm
@@ -8,22 +9,7 @@ from detectron2.utils import comm
 from .shapes import ShapesSpec, default_shapes_root, register_shapes_dataset
 
 # Split name -> offset added to DATASETS.SHAPES.SEED, so that train and val never share images.
-SHAPES_SPLITS: Dict[str, int] = {"shapes_train": 0, "shapes_val": 1000}
-
-
-def add_shapes_config(cfg: CN) -> CN:
-    """Add ``DATASETS.SHAPES`` (size and seed of the embedded dataset) to ``cfg``, in place."""
-    if "SHAPES" in cfg.DATASETS:
-        return cfg
-    cfg.DATASETS.SHAPES = CN()
-    shapes = cfg.DATASETS.SHAPES
-    shapes.ROOT = ""  # "" -> $FCOS_D2_DATASETS, else <repository>/datasets
-    shapes.NUM_TRAIN = 512
-    shapes.NUM_VAL = 128
-    shapes.IMAGE_SIZE = [256, 256]  # height, width
-    shapes.MAX_OBJECTS = 6
-    shapes.SEED = 0
-    return cfg
+SHAPES_SPLITS: dict[str, int] = {"shapes_train": 0, "shapes_val": 1000}
 
 
 def shapes_spec(cfg: CN, split: str) -> ShapesSpec:

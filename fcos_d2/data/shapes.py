@@ -23,6 +23,7 @@ column c spans [c, c + 1). ``area`` is the full shape's pixel count inside the i
 convention of a mask area, which COCOeval uses for its small/medium/large split), not w * h.
 Image and annotation ids start at 1 (COCOeval reads an annotation id of 0 as "unmatched").
 """
+
 from __future__ import annotations
 
 import colorsys
@@ -236,8 +237,9 @@ def _fill_ellipse(mask: np.ndarray, box: Box, scale: float = 1.0, value: int = 1
     x0, y0, x1, y1 = box
     center = _fixed_point(((x0 + x1) / 2, (y0 + y1) / 2))
     axes = _fixed_point((max((x1 - x0) / 2 * scale, 0.5), max((y1 - y0) / 2 * scale, 0.5)))
-    cv2.ellipse(mask, tuple(center.tolist()), tuple(axes.tolist()), 0, 0, 360, value, -1,
-                cv2.LINE_8, _SHIFT)
+    cv2.ellipse(
+        mask, tuple(center.tolist()), tuple(axes.tolist()), 0, 0, 360, value, -1, cv2.LINE_8, _SHIFT
+    )
 
 
 def _draw_rectangle(mask: np.ndarray, box: Box, rng: np.random.Generator) -> None:
@@ -272,10 +274,14 @@ def _draw_cross(mask: np.ndarray, box: Box, rng: np.random.Generator) -> None:
     bar_w, bar_h = (max(f, 2.0) for f in rng.uniform(0.25, 0.4, size=2) * (w, h))
     cx = x0 + rng.uniform(0.4, 0.6) * w
     cy = y0 + rng.uniform(0.4, 0.6) * h
-    _fill_polygon(mask, [(x0, cy - bar_h / 2), (x1, cy - bar_h / 2), (x1, cy + bar_h / 2),
-                         (x0, cy + bar_h / 2)])
-    _fill_polygon(mask, [(cx - bar_w / 2, y0), (cx + bar_w / 2, y0), (cx + bar_w / 2, y1),
-                         (cx - bar_w / 2, y1)])
+    _fill_polygon(
+        mask,
+        [(x0, cy - bar_h / 2), (x1, cy - bar_h / 2), (x1, cy + bar_h / 2), (x0, cy + bar_h / 2)],
+    )
+    _fill_polygon(
+        mask,
+        [(cx - bar_w / 2, y0), (cx + bar_w / 2, y0), (cx + bar_w / 2, y1), (cx - bar_w / 2, y1)],
+    )
 
 
 def _draw_ring(mask: np.ndarray, box: Box, rng: np.random.Generator) -> None:
@@ -284,7 +290,11 @@ def _draw_ring(mask: np.ndarray, box: Box, rng: np.random.Generator) -> None:
 
 
 _DRAWERS: tuple[Callable[[np.ndarray, Box, np.random.Generator], None], ...] = (
-    _draw_rectangle, _draw_ellipse, _draw_triangle, _draw_cross, _draw_ring,
+    _draw_rectangle,
+    _draw_ellipse,
+    _draw_triangle,
+    _draw_cross,
+    _draw_ring,
 )
 _MAX_ASPECT = (3.0, 3.0, 3.0, 2.0, 2.0)  # per class; crosses and rings lose their look when thin
 
@@ -424,8 +434,9 @@ def _render_image(
         full_areas.append(area)
         placed.append(tuple(float(v) for v in tight))
         x0, y0, x1, y1 = tight
-        objects.append((class_index, [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
-                        float(area)))
+        objects.append(
+            (class_index, [float(x0), float(y0), float(x1 - x0), float(y1 - y0)], float(area))
+        )
 
     noise = rng.standard_normal((height, width, 3), dtype=np.float32) * NOISE_SIGMA
     return np.clip(np.rint(canvas + noise), 0, 255).astype(np.uint8), objects

@@ -1,78 +1,27 @@
 """The FCOS detector as a Detectron2 META_ARCH ("FCOS").
 
-Detectron2's :class:`DenseDetector` supplies image preprocessing, the forward skeleton and the
-resize of detections to the requested output size; this class wires in the FCOS head, target
-assignment, losses and post-processing.
+Detectron2's :class:`DenseDetector` supplies image preprocessing and the device handling; the
+FCOS work is done by the head and :class:`~fcos_d2.modeling.core.FCOSCore`. The detector's public
+steps (:meth:`FCOS.dense_predictions`, :meth:`FCOS.output_dicts`) let wrappers (test-time
+augmentation, export, the analyses) reuse it piece by piece.
 """
-from typing import Dict, List, Optional, Sequence, Tuple
 
-import torch
 from detectron2.config import configurable
-from detectron2.layers import ShapeSpec
 from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
-from detectron2.modeling.meta_arch.dense_detector import DenseDetector, permute_to_N_HWA_K
+from detectron2.modeling.meta_arch.dense_detector import DenseDetector
+from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import ImageList, Instances
 from detectron2.utils.events import get_event_storage
 from torch import Tensor
 
+from ..checks import check_that
+from .core import FCOSCore
 from .head import FCOSHead, FCOSHeadOutputs
-from .losses import FCOSLoss
-from .postprocess import FCOSPostProcessor
-from .targets import FCOSTargetAssigner, centerness_from_ltrb, compute_locations
-
-INFERENCE_QUALITIES = ("branch", "none", "from_regression", "oracle")
-
-
-def check_in_features(cfg, shapes: Dict[str, ShapeSpec]) -> List[ShapeSpec]:
-    """Shapes of ``MODEL.FCOS.IN_FEATURES`` among ``shapes``, checked against ``FPN_STRIDES``."""
-    in_features, strides = cfg.MODEL.FCOS.IN_FEATURES, cfg.MODEL.FCOS.FPN_STRIDES
-    missing = [f for f in in_features if f not in shapes]
-    if missing:
-        raise ValueError(
-            f"MODEL.FCOS.IN_FEATURES {missing} are not produced by the backbone "
-            f"{cfg.MODEL.BACKBONE.NAME}, which outputs {sorted(shapes)}"
-        )
-    actual = [shapes[f].stride for f in in_features]
-    if list(strides) != actual:
-        raise ValueError(
-            f"MODEL.FCOS.FPN_STRIDES={list(strides)} does not match the strides {actual} of "
-            f"MODEL.FCOS.IN_FEATURES={list(in_features)}"
-        )
-    return [shapes[f] for f in in_features]
-
-
-def feature_locations(features: Sequence[Tensor], strides: Sequence[int]) -> List[Tensor]:
-    """Image coordinates of every location of each (N, C, H, W) feature map (Sec. 3.1)."""
-    return compute_locations([f.shape[-2:] for f in features], strides, features[0].device)
-
-
-def dense_per_level(per_level: Sequence[Tensor], dim: int) -> List[Tensor]:
-    """Per-level (N, K, H, W) maps -> float32 (N, H*W, K) tensors, in row-major order.
-
-    Float32 because losses and box decoding need its precision under mixed precision.
-    """
-    return [permute_to_N_HWA_K(x, dim).float() for x in per_level]
-
-
-def flatten_predictions(per_level: Sequence[Tensor], dim: int) -> Tensor:
-    """Per-level (N, K, H, W) maps -> one float32 (N, sum H*W, K) tensor, level after level."""
-    return torch.cat(dense_per_level(per_level, dim), dim=1)
-
-
-def dense_probabilities(
-    predictions: FCOSHeadOutputs, num_classes: int
-) -> Tuple[List[Tensor], List[Tensor], List[Tensor]]:
-    """Per level: class probabilities (N, HW, C), box regressions (N, HW, 4) and the quality
-    branch's probabilities (N, HW)."""
-    cls_probs = [x.sigmoid() for x in dense_per_level(predictions.cls_logits, num_classes)]
-    box_reg = dense_per_level(predictions.box_reg, 4)
-    quality = [x.squeeze(2).sigmoid() for x in dense_per_level(predictions.quality_logits, 1)]
-    return cls_probs, box_reg, quality
 
 
 @META_ARCH_REGISTRY.register()
 class FCOS(DenseDetector):
-    """FCOS (Tian et al., ICCV 2019): per-pixel classification, (l,t,r,b) regression, center-ness."""
+    """FCOS (Tian et al., ICCV 2019): per-pixel classes, (l,t,r,b) regression, center-ness."""
 
     @configurable
     def __init__(
@@ -80,109 +29,97 @@ class FCOS(DenseDetector):
         *,
         backbone: Backbone,
         head: FCOSHead,
-        head_in_features: List[str],
-        strides: Sequence[int],
-        target_assigner: FCOSTargetAssigner,
-        loss: FCOSLoss,
-        postprocessor: FCOSPostProcessor,
-        pixel_mean: Tuple[float, ...],
-        pixel_std: Tuple[float, ...],
-        input_format: str = "BGR",
-        inference_quality: str = "branch",
+        head_in_features: list[str],
+        core: FCOSCore,
+        pixel_mean: tuple[float, ...],
+        pixel_std: tuple[float, ...],
     ):
-        """
-        Args:
-            inference_quality: what multiplies the class score at inference (Table 4, arXiv Sec.
-                4.1.2): the quality branch, nothing, the center-ness of the predicted (l,t,r,b), or
-                the ground-truth center-ness of each location (needs annotated inputs).
-        """
-        super().__init__(backbone, head, head_in_features, pixel_mean=pixel_mean, pixel_std=pixel_std)
-        if inference_quality not in INFERENCE_QUALITIES:
-            raise ValueError(
-                f"MODEL.FCOS.INFERENCE_QUALITY must be one of {INFERENCE_QUALITIES}, got {inference_quality!r}"
-            )
-        self.inference_quality = inference_quality
-        self._oracle_instances: Optional[List[Instances]] = None
-        self.strides = list(strides)
-        self.target_assigner = target_assigner
-        self.loss = loss
-        self.postprocessor = postprocessor
-        self.input_format = input_format
-        self.num_classes = head.num_classes
+        super().__init__(
+            backbone, head, head_in_features, pixel_mean=pixel_mean, pixel_std=pixel_std
+        )
+        shapes = backbone.output_shape()
+        strides = [shapes[f].stride for f in head_in_features]
+        check_that(
+            strides == core.strides,
+            "the core's strides",
+            f"the backbone's {strides} for {head_in_features}",
+            core.strides,
+            "FCOS argument core",
+        )
+        check_that(
+            head.num_classes == core.num_classes,
+            "the core's num_classes",
+            f"the head's {head.num_classes}",
+            core.num_classes,
+            "FCOS argument core",
+        )
+        self.core = core
 
     @classmethod
-    def from_config(cls, cfg) -> Dict:
+    def from_config(cls, cfg) -> dict:
         backbone = build_backbone(cfg)
+        shapes = backbone.output_shape()
+        core = FCOSCore(cfg, shapes)
+        in_features = list(cfg.MODEL.FCOS.IN_FEATURES)
         return {
             "backbone": backbone,
-            "head": FCOSHead(cfg, check_in_features(cfg, backbone.output_shape())),
-            "head_in_features": list(cfg.MODEL.FCOS.IN_FEATURES),
-            "strides": cfg.MODEL.FCOS.FPN_STRIDES,
-            "target_assigner": FCOSTargetAssigner(cfg),
-            "loss": FCOSLoss(cfg),
-            "postprocessor": FCOSPostProcessor(cfg),
+            "head": FCOSHead(cfg, [shapes[f] for f in in_features]),
+            "head_in_features": in_features,
+            "core": core,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
-            "input_format": cfg.INPUT.FORMAT,
-            "inference_quality": cfg.MODEL.FCOS.INFERENCE_QUALITY,
         }
 
-    def forward(self, batched_inputs: List[Dict[str, Tensor]]):
-        if not self.training and self.inference_quality == "oracle":
-            if "instances" not in batched_inputs[0]:
-                raise ValueError(
-                    "MODEL.FCOS.INFERENCE_QUALITY=oracle needs the annotations at inference: each "
-                    "input needs 'instances' (train_net.py's test loader keeps them in this mode)"
-                )
-            # DenseDetector.forward does not pass the inputs on to forward_inference.
-            self._oracle_instances = [x["instances"].to(self.device) for x in batched_inputs]
-        try:
-            return super().forward(batched_inputs)
-        finally:
-            self._oracle_instances = None
+    @property
+    def num_classes(self) -> int:
+        return self.core.num_classes
 
-    def locations(self, features: List[Tensor]) -> List[Tensor]:
-        return feature_locations(features, self.strides)
+    def forward(self, batched_inputs: list[dict[str, Tensor]]):
+        """Detectron2's model interface: losses in training, ``[{"instances": ...}]`` otherwise."""
+        images, features, predictions = self.dense_predictions(batched_inputs)
+        if self.training:
+            if "instances" not in batched_inputs[0]:
+                raise ValueError("FCOS training needs annotations: each input needs 'instances'")
+            gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
+            return self.forward_training(images, features, predictions, gt_instances)
+        results = self.forward_inference(images, features, predictions)
+        return self.output_dicts(results, batched_inputs, images.image_sizes)
+
+    def dense_predictions(
+        self, batched_inputs: list[dict[str, Tensor]]
+    ) -> tuple[ImageList, list[Tensor], FCOSHeadOutputs]:
+        """Normalized, padded images; the head's input features; the head's outputs."""
+        images = self.preprocess_image(batched_inputs)
+        features = self.backbone(images.tensor)
+        features = [features[f] for f in self.head_in_features]
+        return images, features, self.head(features)
 
     def forward_training(
         self,
         images: ImageList,
-        features: List[Tensor],
+        features: list[Tensor],
         predictions: FCOSHeadOutputs,
-        gt_instances: List[Instances],
-    ) -> Dict[str, Tensor]:
-        targets = self.target_assigner(self.locations(features), gt_instances)
-        losses, num_pos = self.loss(
-            flatten_predictions(predictions.cls_logits, self.num_classes),
-            flatten_predictions(predictions.box_reg, 4),
-            flatten_predictions(predictions.quality_logits, 1).squeeze(2),
-            targets,
-        )
+        gt_instances: list[Instances],
+    ) -> dict[str, Tensor]:
+        losses, num_pos = self.core.losses(features, predictions, gt_instances)
         # float() in put_scalar waits for the forward pass: the one host sync of a training step
         # (Detectron2's default trainer reads every loss back each step as well).
         get_event_storage().put_scalar("fcos/num_pos_per_worker", num_pos)
         return losses
 
     def forward_inference(
-        self, images: ImageList, features: List[Tensor], predictions: FCOSHeadOutputs
-    ) -> List[Instances]:
-        cls_probs, box_reg, branch_quality = dense_probabilities(predictions, self.num_classes)
-        locations = self.locations(features)
-        quality = self.inference_quality_maps(branch_quality, box_reg, locations)
-        return self.postprocessor(locations, cls_probs, box_reg, quality, images.image_sizes)
+        self, images: ImageList, features: list[Tensor], predictions: FCOSHeadOutputs
+    ) -> list[Instances]:
+        return self.core.inference(features, predictions, images.image_sizes)
 
-    def inference_quality_maps(
-        self, branch_quality: List[Tensor], box_reg: List[Tensor], locations: List[Tensor]
-    ) -> List[Tensor]:
-        """Per level (N, HW_i) quality in [0, 1] that multiplies the class score."""
-        if self.inference_quality == "branch":
-            return branch_quality
-        if self.inference_quality == "none":
-            return [torch.ones_like(x[..., 0]) for x in box_reg]
-        if self.inference_quality == "from_regression":
-            # Predicted distances can be 0 (relu): treat 0/0 as a center-ness of 0.
-            return [torch.nan_to_num(centerness_from_ltrb(x), nan=0.0) for x in box_reg]
-        targets = self.target_assigner(locations, self._oracle_instances)
-        # Background targets are all 0: their 0/0 center-ness becomes 0.
-        oracle = torch.nan_to_num(centerness_from_ltrb(targets.reg_targets), nan=0.0)
-        return list(oracle.split([len(x) for x in locations], dim=1))
+    @staticmethod
+    def output_dicts(
+        results: list[Instances], batched_inputs: list[dict], image_sizes: list[tuple[int, int]]
+    ) -> list[dict[str, Instances]]:
+        """Detections rescaled to each input's requested ``height`` x ``width`` (original size)."""
+        outputs = []
+        for instances, inputs, image_size in zip(results, batched_inputs, image_sizes):
+            height = inputs.get("height", image_size[0])
+            width = inputs.get("width", image_size[1])
+            outputs.append({"instances": detector_postprocess(instances, height, width)})
+        return outputs

@@ -4,8 +4,9 @@ State-dict names follow the authors' Detectron2 release (``cls_tower.*``, ``bbox
 ``share_tower.*``, ``cls_logits``, ``bbox_pred``, ``ctrness``, ``scales.{i}.scale``), so their
 checkpoints load after renaming the ``proposal_generator.fcos_head.`` prefix to ``head.``.
 """
+
 import math
-from typing import List, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import torch
 from detectron2.config import configurable
@@ -13,8 +14,12 @@ from detectron2.layers import NaiveSyncBatchNorm, ShapeSpec
 from torch import Tensor, nn
 from torchvision.ops import DeformConv2d
 
-NORMS = ("GN", "BN", "SyncBN", "")
+from ..checks import check_choice, check_that
+
+# "" and the authors' "none" both mean no normalization in the towers.
+NORMS = ("GN", "BN", "SyncBN", "", "none")
 BOX_ACTIVATIONS = ("relu", "exp")
+_WHERE = "FCOSHead argument"
 
 
 class FCOSHeadOutputs(NamedTuple):
@@ -24,9 +29,9 @@ class FCOSHeadOutputs(NamedTuple):
     targets: pixels, or pixels / stride when targets are stride-normalized.
     """
 
-    cls_logits: List[Tensor]
-    box_reg: List[Tensor]
-    quality_logits: List[Tensor]
+    cls_logits: list[Tensor]
+    box_reg: list[Tensor]
+    quality_logits: list[Tensor]
 
 
 class Scale(nn.Module):
@@ -41,9 +46,13 @@ class Scale(nn.Module):
 
 
 class PerLevelBatchNorm(nn.ModuleList):
-    """One BatchNorm per FPN level: feature statistics differ too much across levels to share one."""
+    """One BatchNorm per FPN level: feature statistics differ too much across levels to share."""
 
-    def forward(self, x: Tensor, level: int) -> Tensor:  # type: ignore[override]
+    def forward(self, x: Tensor, level: Optional[int] = None) -> Tensor:  # type: ignore[override]
+        if level is None:
+            raise ValueError(
+                f"this norm has one BatchNorm per level (0..{len(self) - 1}): pass the level"
+            )
         return self[level](x)
 
 
@@ -71,26 +80,33 @@ def _make_norm(norm: str, channels: int, num_levels: int) -> Optional[nn.Module]
     return None
 
 
-def _make_tower(
-    num_convs: int, channels: int, norm: str, num_levels: int, deformable_last: bool
-) -> nn.Sequential:
-    layers: List[nn.Module] = []
-    for i in range(num_convs):
-        if deformable_last and i == num_convs - 1:
-            layers.append(DeformableConv3x3(channels, channels))
-        else:
-            layers.append(nn.Conv2d(channels, channels, 3, padding=1))
-        norm_layer = _make_norm(norm, channels, num_levels)
-        if norm_layer is not None:
-            layers.append(norm_layer)
-        layers.append(nn.ReLU())
-    return nn.Sequential(*layers)
+class Tower(nn.Sequential):
+    """A stack of [3x3 conv, norm, ReLU] blocks (Fig. 2) applied to one FPN level at a time.
 
+    ``forward(x, level)``: the level picks the BatchNorm of :class:`PerLevelBatchNorm` layers; other
+    layers ignore it, so towers without per-level BatchNorm also run as ``tower(x)``. Indices in
+    the state dict are the authors' (conv 0, norm 1, ReLU 2, conv 3...).
+    """
 
-def _run_tower(tower: nn.Sequential, x: Tensor, level: int) -> Tensor:
-    for layer in tower:
-        x = layer(x, level) if isinstance(layer, PerLevelBatchNorm) else layer(x)
-    return x
+    def __init__(
+        self, num_convs: int, channels: int, norm: str, num_levels: int, deformable_last: bool
+    ):
+        layers: list[nn.Module] = []
+        for i in range(num_convs):
+            if deformable_last and i == num_convs - 1:
+                layers.append(DeformableConv3x3(channels, channels))
+            else:
+                layers.append(nn.Conv2d(channels, channels, 3, padding=1))
+            norm_layer = _make_norm(norm, channels, num_levels)
+            if norm_layer is not None:
+                layers.append(norm_layer)
+            layers.append(nn.ReLU())
+        super().__init__(*layers)
+
+    def forward(self, x: Tensor, level: Optional[int] = None) -> Tensor:  # type: ignore[override]
+        for layer in self:
+            x = layer(x, level) if isinstance(layer, PerLevelBatchNorm) else layer(x)
+        return x
 
 
 class FCOSHead(nn.Module):
@@ -104,7 +120,7 @@ class FCOSHead(nn.Module):
     def __init__(
         self,
         *,
-        input_shape: List[ShapeSpec],
+        input_shape: list[ShapeSpec],
         num_classes: int,
         num_cls_convs: int = 4,
         num_box_convs: int = 4,
@@ -117,30 +133,44 @@ class FCOSHead(nn.Module):
         prior_prob: float = 0.01,
     ):
         super().__init__()
-        if norm not in NORMS:
-            raise ValueError(f"MODEL.FCOS.NORM must be one of {NORMS}, got {norm!r}")
-        if box_activation not in BOX_ACTIVATIONS:
-            raise ValueError(
-                f"MODEL.FCOS.BOX_ACTIVATION must be one of {BOX_ACTIVATIONS}, got {box_activation!r}"
-            )
-        if not 0 < prior_prob < 1:
-            raise ValueError(f"MODEL.FCOS.PRIOR_PROB must be in (0, 1), got {prior_prob}")
-        if num_classes < 1:
-            raise ValueError(f"MODEL.FCOS.NUM_CLASSES must be >= 1, got {num_classes}")
+        check_choice(norm, NORMS, "MODEL.FCOS.NORM", f"{_WHERE} norm")
+        check_choice(
+            box_activation, BOX_ACTIVATIONS, "MODEL.FCOS.BOX_ACTIVATION", f"{_WHERE} box_activation"
+        )
+        check_that(
+            0 < prior_prob < 1,
+            "MODEL.FCOS.PRIOR_PROB",
+            "in (0, 1)",
+            prior_prob,
+            f"{_WHERE} prior_prob",
+        )
+        check_that(
+            num_classes >= 1, "MODEL.FCOS.NUM_CLASSES", ">= 1", num_classes, f"{_WHERE} num_classes"
+        )
         channels = {s.channels for s in input_shape}
-        if len(channels) != 1:
-            raise ValueError(f"FCOS head needs the same channels on every level, got {channels}")
+        check_that(
+            len(channels) == 1,
+            "MODEL.FPN.OUT_CHANNELS",
+            "the same on every head input level",
+            sorted(channels),
+            f"{_WHERE} input_shape",
+        )
         in_channels = channels.pop()
-        if norm == "GN" and in_channels % 32:
-            raise ValueError(f"MODEL.FCOS.NORM=GN uses 32 groups: channels ({in_channels}) must be a multiple of 32")
+        check_that(
+            norm != "GN" or in_channels % 32 == 0,
+            f"MODEL.FPN.OUT_CHANNELS: the head's channels ({in_channels})",
+            "a multiple of 32 with MODEL.FCOS.NORM=GN (32 groups)",
+            in_channels,
+            f"{_WHERE} input_shape",
+        )
         num_levels = len(input_shape)
         self.num_classes = num_classes
         self.box_activation = box_activation
         self.centerness_on_reg = centerness_on_reg
 
-        self.cls_tower = _make_tower(num_cls_convs, in_channels, norm, num_levels, use_deformable)
-        self.bbox_tower = _make_tower(num_box_convs, in_channels, norm, num_levels, use_deformable)
-        self.share_tower = _make_tower(num_share_convs, in_channels, norm, num_levels, False)
+        self.cls_tower = Tower(num_cls_convs, in_channels, norm, num_levels, use_deformable)
+        self.bbox_tower = Tower(num_box_convs, in_channels, norm, num_levels, use_deformable)
+        self.share_tower = Tower(num_share_convs, in_channels, norm, num_levels, False)
         self.cls_logits = nn.Conv2d(in_channels, num_classes, 3, padding=1)
         self.bbox_pred = nn.Conv2d(in_channels, 4, 3, padding=1)
         self.ctrness = nn.Conv2d(in_channels, 1, 3, padding=1)
@@ -155,7 +185,7 @@ class FCOSHead(nn.Module):
         nn.init.constant_(self.cls_logits.bias, -math.log((1 - prior_prob) / prior_prob))
 
     @classmethod
-    def from_config(cls, cfg, input_shape: List[ShapeSpec]):
+    def from_config(cls, cfg, input_shape: list[ShapeSpec]):
         fcos = cfg.MODEL.FCOS
         return {
             "input_shape": input_shape,
@@ -171,12 +201,12 @@ class FCOSHead(nn.Module):
             "prior_prob": fcos.PRIOR_PROB,
         }
 
-    def forward(self, features: List[Tensor]) -> FCOSHeadOutputs:
+    def forward(self, features: list[Tensor]) -> FCOSHeadOutputs:
         cls_logits, box_reg, quality_logits = [], [], []
         for level, feature in enumerate(features):
-            shared = _run_tower(self.share_tower, feature, level)
-            cls_feature = _run_tower(self.cls_tower, shared, level)
-            box_feature = _run_tower(self.bbox_tower, shared, level)
+            shared = self.share_tower(feature, level)
+            cls_feature = self.cls_tower(shared, level)
+            box_feature = self.bbox_tower(shared, level)
             cls_logits.append(self.cls_logits(cls_feature))
             quality_logits.append(
                 self.ctrness(box_feature if self.centerness_on_reg else cls_feature)

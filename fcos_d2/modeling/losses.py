@@ -4,7 +4,8 @@ Everything is computed with masks over all locations rather than by gathering po
 training step has no data-dependent shapes and no host-device synchronisation; normalisers stay
 tensors and are averaged over workers with an all-reduce.
 """
-from typing import Dict, Optional, Tuple
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +14,9 @@ from detectron2.utils import comm
 from fvcore.nn import sigmoid_focal_loss_jit
 from torch import Tensor
 
-from .targets import FCOSTargets, centerness_from_ltrb
+from ..checks import check_choice
+from .box_ops import centerness_from_ltrb, iou_and_giou_from_ltrb
+from .targets import FCOSTargets
 
 LOC_LOSS_TYPES = ("iou", "linear_iou", "giou")
 BOX_QUALITIES = ("ctrness", "iou")
@@ -21,42 +24,21 @@ CLS_NORMALIZERS = ("fg", "moving_fg", "all")
 REG_LOSS_WEIGHTINGS = ("ctrness", "none")
 
 
-def iou_and_giou_from_ltrb(pred: Tensor, target: Tensor, eps: float = 1e-7) -> Tuple[Tensor, Tensor]:
-    """IoU and GIoU of two boxes given as (l, t, r, b) distances from the same location.
-
-    Both boxes contain the location, so the intersection is (min(l,l*) + min(r,r*)) x
-    (min(t,t*) + min(b,b*)) with no clamping (UnitBox's formulation).
-    """
-    pred_area = (pred[..., 0] + pred[..., 2]) * (pred[..., 1] + pred[..., 3])
-    target_area = (target[..., 0] + target[..., 2]) * (target[..., 1] + target[..., 3])
-    inter_wh = torch.minimum(pred[..., 0::2], target[..., 0::2]).sum(-1), torch.minimum(
-        pred[..., 1::2], target[..., 1::2]
-    ).sum(-1)
-    enclose_wh = torch.maximum(pred[..., 0::2], target[..., 0::2]).sum(-1), torch.maximum(
-        pred[..., 1::2], target[..., 1::2]
-    ).sum(-1)
-    inter = inter_wh[0] * inter_wh[1]
-    union = pred_area + target_area - inter
-    enclose = enclose_wh[0] * enclose_wh[1]
-    iou = inter / (union + eps)
-    giou = iou - (enclose - union) / (enclose + eps)
-    return iou, giou
-
-
-def box_loss(pred: Tensor, target: Tensor, loss_type: str) -> Tuple[Tensor, Tensor]:
+def box_loss(pred: Tensor, target: Tensor, loss_type: str) -> tuple[Tensor, Tensor]:
     """Per-location box loss and the IoU it was computed from.
 
     ``iou``: -ln(IoU) (UnitBox, the paper); ``linear_iou``: 1 - IoU; ``giou``: 1 - GIoU.
     """
+    check_choice(
+        loss_type, LOC_LOSS_TYPES, "MODEL.FCOS.LOC_LOSS_TYPE", "box_loss argument loss_type"
+    )
     iou, giou = iou_and_giou_from_ltrb(pred, target)
     if loss_type == "iou":
         loss = -torch.log(iou.clamp(min=1e-6))
     elif loss_type == "linear_iou":
         loss = 1 - iou
-    elif loss_type == "giou":
-        loss = 1 - giou
     else:
-        raise ValueError(f"MODEL.FCOS.LOC_LOSS_TYPE must be one of {LOC_LOSS_TYPES}, got {loss_type!r}")
+        loss = 1 - giou
     return loss, iou
 
 
@@ -97,14 +79,13 @@ class FCOSLoss:
         moving_fg_momentum: float = 0.9,
         loss_prefix: str = "loss_fcos",
     ):
-        for value, allowed, key in (
-            (loc_loss_type, LOC_LOSS_TYPES, "LOC_LOSS_TYPE"),
-            (box_quality, BOX_QUALITIES, "BOX_QUALITY"),
-            (cls_normalizer, CLS_NORMALIZERS, "LOSS_NORMALIZER_CLS"),
-            (reg_loss_weighting, REG_LOSS_WEIGHTINGS, "REG_LOSS_WEIGHTING"),
+        for value, allowed, key, arg in (
+            (loc_loss_type, LOC_LOSS_TYPES, "LOC_LOSS_TYPE", "loc_loss_type"),
+            (box_quality, BOX_QUALITIES, "BOX_QUALITY", "box_quality"),
+            (cls_normalizer, CLS_NORMALIZERS, "LOSS_NORMALIZER_CLS", "cls_normalizer"),
+            (reg_loss_weighting, REG_LOSS_WEIGHTINGS, "REG_LOSS_WEIGHTING", "reg_loss_weighting"),
         ):
-            if value not in allowed:
-                raise ValueError(f"MODEL.FCOS.{key} must be one of {allowed}, got {value!r}")
+            check_choice(value, allowed, f"MODEL.FCOS.{key}", f"FCOSLoss argument {arg}")
         self.num_classes = num_classes
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
@@ -133,7 +114,7 @@ class FCOSLoss:
 
     def __call__(
         self, cls_logits: Tensor, box_reg: Tensor, quality_logits: Tensor, targets: FCOSTargets
-    ) -> Tuple[Dict[str, Tensor], Tensor]:
+    ) -> tuple[dict[str, Tensor], Tensor]:
         """
         Args:
             cls_logits: (N, L, C); box_reg: (N, L, 4) in target units; quality_logits: (N, L).
@@ -171,7 +152,8 @@ class FCOSLoss:
             loc_weights, loc_normalizer = fg, num_pos_avg
         loss_loc = (loc_loss * loc_weights).sum() / loc_normalizer
         loss_quality = (
-            F.binary_cross_entropy_with_logits(quality_logits, quality_targets, reduction="none") * fg
+            F.binary_cross_entropy_with_logits(quality_logits, quality_targets, reduction="none")
+            * fg
         ).sum() / num_pos_avg
         quality_name = "ctr" if self.box_quality == "ctrness" else "iou"
         losses = {
@@ -185,7 +167,11 @@ class FCOSLoss:
         if self.cls_normalizer == "fg":
             return num_pos_avg
         if self.cls_normalizer == "moving_fg":
-            previous = self.moving_num_fg if self.moving_num_fg is not None else num_pos_avg.new_tensor(100.0)
+            previous = (
+                self.moving_num_fg
+                if self.moving_num_fg is not None
+                else num_pos_avg.new_tensor(100.0)
+            )
             momentum = self.moving_fg_momentum
             self.moving_num_fg = (momentum * previous + (1 - momentum) * num_pos_avg).detach()
             return self.moving_num_fg

@@ -3,8 +3,15 @@
 Per level: keep locations whose class score (or score x quality) exceeds a threshold, take the top
 k by score x quality, invert eq. (1) to get boxes; then per image: score = sqrt(cls x quality) (or
 cls x quality, the paper), NMS and the top detections.
+
+Written for tracing as well as eager use: candidate counts come from tensor shapes (0-dim tensors
+under ``torch.jit.trace``), so an exported graph keeps them dynamic instead of baking in the counts
+of the example input.
 """
-from typing import List, Sequence, Tuple
+
+import copy
+from collections.abc import Sequence
+from typing import Union
 
 import torch
 from detectron2.config import configurable
@@ -12,10 +19,17 @@ from detectron2.layers import batched_nms
 from detectron2.structures import Boxes, Instances
 from torch import Tensor
 
+from ..checks import check_that
+from .box_ops import decode_ltrb
 
-def decode_boxes(locations: Tensor, ltrb: Tensor) -> Tensor:
-    """Inverse of eq. (1): (x - l, y - t, x + r, y + b), with ``ltrb`` in pixels."""
-    return torch.cat([locations - ltrb[..., :2], locations + ltrb[..., 2:]], dim=-1)
+_WHERE = "FCOSPostProcessor argument"
+
+
+def clamped_count(count: Union[int, Tensor], limit: int) -> Union[int, Tensor]:
+    """min(count, limit); under tracing ``count`` is a 0-dim tensor and so is the result."""
+    if isinstance(count, Tensor):
+        return torch.clamp(count, max=limit)
+    return min(count, limit)
 
 
 class FCOSPostProcessor:
@@ -40,6 +54,15 @@ class FCOSPostProcessor:
         class_agnostic_nms: bool = False,
         min_box_size: float = 0.0,
     ):
+        """
+        Args:
+            strides: stride of each level; regressions are multiplied by it when ``normalized_reg``.
+            score_threshold: candidates need a class score (x quality with ``thresh_with_quality``)
+                above it.
+            pre_nms_topk: candidates kept per level, by class score x quality.
+            post_nms_topk: detections kept per image after NMS.
+            score_sqrt: final score sqrt(cls x quality) (improved) or cls x quality (paper).
+        """
         self.strides = list(strides)
         self.score_threshold = score_threshold
         self.pre_nms_topk = pre_nms_topk
@@ -50,6 +73,51 @@ class FCOSPostProcessor:
         self.normalized_reg = normalized_reg
         self.class_agnostic_nms = class_agnostic_nms
         self.min_box_size = min_box_size
+        self._validate()
+
+    def _validate(self) -> None:
+        check_that(
+            len(self.strides) > 0 and all(s > 0 for s in self.strides),
+            "MODEL.FCOS.FPN_STRIDES",
+            "a non-empty list of positive strides",
+            self.strides,
+            f"{_WHERE} strides",
+        )
+        check_that(
+            self.pre_nms_topk >= 1,
+            "MODEL.FCOS.PRE_NMS_TOPK_TEST",
+            ">= 1",
+            self.pre_nms_topk,
+            f"{_WHERE} pre_nms_topk",
+        )
+        check_that(
+            self.post_nms_topk >= 1,
+            "TEST.DETECTIONS_PER_IMAGE",
+            ">= 1",
+            self.post_nms_topk,
+            f"{_WHERE} post_nms_topk",
+        )
+        check_that(
+            0 <= self.nms_threshold <= 1,
+            "MODEL.FCOS.NMS_TH",
+            "in [0, 1]",
+            self.nms_threshold,
+            f"{_WHERE} nms_threshold",
+        )
+        check_that(
+            0 <= self.score_threshold < 1,
+            "MODEL.FCOS.INFERENCE_TH_TEST",
+            "in [0, 1)",
+            self.score_threshold,
+            f"{_WHERE} score_threshold",
+        )
+        check_that(
+            self.min_box_size >= 0,
+            "MODEL.PROPOSAL_GENERATOR.MIN_SIZE",
+            ">= 0",
+            self.min_box_size,
+            f"{_WHERE} min_box_size",
+        )
 
     @classmethod
     def from_config(cls, cfg):
@@ -59,21 +127,33 @@ class FCOSPostProcessor:
             "strides": fcos.FPN_STRIDES,
             "score_threshold": fcos.INFERENCE_TH_TEST,
             "pre_nms_topk": fcos.PRE_NMS_TOPK_TEST,
-            "post_nms_topk": fcos.POST_NMS_TOPK_TEST,
+            "post_nms_topk": detections_per_image(cfg),
             "nms_threshold": fcos.NMS_TH,
             "thresh_with_quality": fcos.THRESH_WITH_CTR,
             "score_sqrt": fcos.SCORE_SQRT,
             "normalized_reg": fcos.NORM_REG_TARGETS,
         }
 
+    def replace(self, **changes) -> "FCOSPostProcessor":
+        """A copy with some settings changed (e.g. ``nms_threshold=1.0`` to see every candidate)."""
+        unknown = sorted(set(changes) - set(vars(self)))
+        if unknown:
+            raise TypeError(
+                f"FCOSPostProcessor has no setting(s) {unknown}; known: {sorted(vars(self))}"
+            )
+        other = copy.copy(self)
+        vars(other).update(changes)
+        other._validate()
+        return other
+
     def __call__(
         self,
-        locations: List[Tensor],
-        cls_probs: List[Tensor],
-        box_reg: List[Tensor],
-        quality: List[Tensor],
-        image_sizes: List[Tuple[int, int]],
-    ) -> List[Instances]:
+        locations: list[Tensor],
+        cls_probs: list[Tensor],
+        box_reg: list[Tensor],
+        quality: list[Tensor],
+        image_sizes: list[tuple[int, int]],
+    ) -> list[Instances]:
         """
         Args:
             locations: per level (HW_i, 2).
@@ -88,8 +168,9 @@ class FCOSPostProcessor:
                 self._decode_level(
                     locations[level],
                     cls_probs[level][image_idx],
-                    box_reg[level][image_idx] * (stride if self.normalized_reg else 1),
+                    box_reg[level][image_idx],
                     quality[level][image_idx],
+                    stride if self.normalized_reg else 1,
                 )
                 for level, stride in enumerate(self.strides[: len(locations)])
             ]
@@ -98,15 +179,15 @@ class FCOSPostProcessor:
         return results
 
     def _decode_level(
-        self, locations: Tensor, cls_probs: Tensor, ltrb: Tensor, quality: Tensor
-    ) -> Tuple[Tensor, Tensor, Tensor]:
+        self, locations: Tensor, cls_probs: Tensor, ltrb: Tensor, quality: Tensor, stride: int
+    ) -> tuple[Tensor, Tensor, Tensor]:
         ranking = cls_probs * quality[:, None]
         keep = (ranking if self.thresh_with_quality else cls_probs) > self.score_threshold
         ranking = ranking[keep]
         location_idx, class_idx = keep.nonzero(as_tuple=True)
-        ranking, top = ranking.topk(min(self.pre_nms_topk, len(ranking)))
+        ranking, top = ranking.topk(clamped_count(ranking.shape[0], self.pre_nms_topk))
         location_idx, class_idx = location_idx[top], class_idx[top]
-        boxes = decode_boxes(locations[location_idx], ltrb[location_idx])
+        boxes = decode_ltrb(locations[location_idx], ltrb[location_idx], stride)
         scores = torch.sqrt(ranking) if self.score_sqrt else ranking
         return boxes, scores, class_idx
 
@@ -119,4 +200,23 @@ class FCOSPostProcessor:
         nms_groups = torch.zeros_like(classes) if self.class_agnostic_nms else classes
         keep = batched_nms(boxes.tensor, scores, nms_groups, self.nms_threshold)
         keep = keep[: self.post_nms_topk]
-        return Instances(image_size, pred_boxes=boxes[keep], scores=scores[keep], pred_classes=classes[keep])
+        return Instances(
+            image_size, pred_boxes=boxes[keep], scores=scores[keep], pred_classes=classes[keep]
+        )
+
+
+def detections_per_image(cfg) -> int:
+    """Detections kept per image: ``TEST.DETECTIONS_PER_IMAGE``, as in Detectron2's detectors.
+
+    ``MODEL.FCOS.POST_NMS_TOPK_TEST`` is the authors' name for the same number; 0 (our default)
+    defers to ``TEST.DETECTIONS_PER_IMAGE``, and a YAML that sets both must set them alike.
+    """
+    authors, detectron2 = cfg.MODEL.FCOS.POST_NMS_TOPK_TEST, cfg.TEST.DETECTIONS_PER_IMAGE
+    if authors and authors != detectron2:
+        raise ValueError(
+            f"MODEL.FCOS.POST_NMS_TOPK_TEST={authors} and TEST.DETECTIONS_PER_IMAGE={detectron2} "
+            "both set "
+            "the number of detections per image: set them to the same value (or leave "
+            "POST_NMS_TOPK_TEST at 0 to follow TEST.DETECTIONS_PER_IMAGE)"
+        )
+    return detectron2

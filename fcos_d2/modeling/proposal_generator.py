@@ -5,7 +5,8 @@ The same head, target assignment, losses and decoding as the detector, with one 
 class-agnostic NMS, post-NMS top-k per image, minimum size, clipping) and returned with
 ``objectness_logits`` = logit of the FCOS ranking score sqrt(p x quality).
 """
-from typing import Dict, List, Optional, Sequence, Tuple
+
+from typing import Optional
 
 import torch
 from detectron2.config import configurable
@@ -14,11 +15,11 @@ from detectron2.modeling import PROPOSAL_GENERATOR_REGISTRY
 from detectron2.structures import ImageList, Instances
 from torch import Tensor, nn
 
-from .fcos import check_in_features, dense_probabilities, feature_locations, flatten_predictions
+from ..checks import check_that
+from .core import FCOSCore
 from .head import FCOSHead
 from .losses import FCOSLoss
 from .postprocess import FCOSPostProcessor
-from .targets import FCOSTargetAssigner
 
 
 def score_to_logit(score: Tensor, eps: float = 1e-6) -> Tensor:
@@ -41,27 +42,31 @@ class FCOSProposalGenerator(nn.Module):
     def __init__(
         self,
         *,
-        in_features: List[str],
-        strides: Sequence[int],
+        in_features: list[str],
         head: FCOSHead,
-        target_assigner: FCOSTargetAssigner,
-        loss: FCOSLoss,
+        core: FCOSCore,
         train_postprocessor: FCOSPostProcessor,
-        test_postprocessor: FCOSPostProcessor,
     ):
+        """
+        Args:
+            core: the class-agnostic FCOS core; its post-processor selects the test proposals.
+            train_postprocessor: selects the proposals in training (``MODEL.RPN.*_TRAIN``).
+        """
         super().__init__()
-        if head.num_classes != 1:
-            raise ValueError(f"the FCOS proposal head must have 1 class, got {head.num_classes}")
+        check_that(
+            head.num_classes == 1 and core.num_classes == 1,
+            "the FCOS proposal head's num_classes",
+            "1 (class-agnostic)",
+            (head.num_classes, core.num_classes),
+            "FCOSProposalGenerator",
+        )
         self.in_features = list(in_features)
-        self.strides = list(strides)
         self.fcos_head = head
-        self.target_assigner = target_assigner
-        self.loss = loss
+        self.core = core
         self.train_postprocessor = train_postprocessor
-        self.test_postprocessor = test_postprocessor
 
     @classmethod
-    def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
+    def from_config(cls, cfg, input_shape: dict[str, ShapeSpec]):
         agnostic = cfg.clone()
         agnostic.defrost()
         agnostic.MODEL.FCOS.NUM_CLASSES = 1
@@ -74,53 +79,65 @@ class FCOSProposalGenerator(nn.Module):
             "class_agnostic_nms": True,
             "min_box_size": cfg.MODEL.PROPOSAL_GENERATOR.MIN_SIZE,
         }
+        detector_core = FCOSCore.from_config(agnostic, input_shape)
+        postprocessor = detector_core["postprocessor"].replace(**rpn_selection)
+        core = FCOSCore(
+            **{
+                **detector_core,
+                "loss": FCOSLoss(agnostic, loss_prefix="loss_fcos_rpn"),
+                "postprocessor": postprocessor.replace(
+                    pre_nms_topk=rpn.PRE_NMS_TOPK_TEST, post_nms_topk=rpn.POST_NMS_TOPK_TEST
+                ),
+                "inference_quality": "branch",
+            }
+        )
+        in_features = list(cfg.MODEL.FCOS.IN_FEATURES)
         return {
-            "in_features": list(cfg.MODEL.FCOS.IN_FEATURES),
-            "strides": cfg.MODEL.FCOS.FPN_STRIDES,
-            "head": FCOSHead(agnostic, check_in_features(cfg, input_shape)),
-            "target_assigner": FCOSTargetAssigner(agnostic),
-            "loss": FCOSLoss(agnostic, loss_prefix="loss_fcos_rpn"),
-            "train_postprocessor": FCOSPostProcessor(
-                cfg, pre_nms_topk=rpn.PRE_NMS_TOPK_TRAIN, post_nms_topk=rpn.POST_NMS_TOPK_TRAIN, **rpn_selection
-            ),
-            "test_postprocessor": FCOSPostProcessor(
-                cfg, pre_nms_topk=rpn.PRE_NMS_TOPK_TEST, post_nms_topk=rpn.POST_NMS_TOPK_TEST, **rpn_selection
+            "in_features": in_features,
+            "head": FCOSHead(agnostic, [input_shape[f] for f in in_features]),
+            "core": core,
+            "train_postprocessor": postprocessor.replace(
+                pre_nms_topk=rpn.PRE_NMS_TOPK_TRAIN, post_nms_topk=rpn.POST_NMS_TOPK_TRAIN
             ),
         }
 
     def forward(
         self,
         images: ImageList,
-        features: Dict[str, Tensor],
-        gt_instances: Optional[List[Instances]] = None,
-    ) -> Tuple[List[Instances], Dict[str, Tensor]]:
+        features: dict[str, Tensor],
+        gt_instances: Optional[list[Instances]] = None,
+    ) -> tuple[list[Instances], dict[str, Tensor]]:
         feature_list = [features[f] for f in self.in_features]
         predictions = self.fcos_head(feature_list)
-        locations = feature_locations(feature_list, self.strides)
-        losses: Dict[str, Tensor] = {}
+        losses: dict[str, Tensor] = {}
         if self.training:
             if gt_instances is None:
                 raise ValueError("FCOS proposal generator needs gt_instances in training")
-            targets = self.target_assigner(locations, [class_agnostic(x) for x in gt_instances])
-            losses, _ = self.loss(
-                flatten_predictions(predictions.cls_logits, 1),
-                flatten_predictions(predictions.box_reg, 4),
-                flatten_predictions(predictions.quality_logits, 1).squeeze(2),
-                targets,
-            )
-        postprocessor = self.train_postprocessor if self.training else self.test_postprocessor
+            agnostic = [class_agnostic(x) for x in gt_instances]
+            losses, _ = self.core.losses(feature_list, predictions, agnostic)
         with torch.no_grad():
-            detections = postprocessor(
-                locations, *dense_probabilities(predictions, 1), images.image_sizes
+            detections = self.core.inference(
+                feature_list,
+                predictions,
+                images.image_sizes,
+                postprocessor=self.train_postprocessor if self.training else None,
             )
         proposals = [
-            Instances(d.image_size, proposal_boxes=d.pred_boxes, objectness_logits=score_to_logit(d.scores))
+            Instances(
+                d.image_size,
+                proposal_boxes=d.pred_boxes,
+                objectness_logits=score_to_logit(d.scores),
+            )
             for d in detections
         ]
         return proposals, losses
 
 
-@PROPOSAL_GENERATOR_REGISTRY.register()
-def FCOS(cfg, input_shape: Dict[str, ShapeSpec]) -> FCOSProposalGenerator:  # noqa: N802
-    """Registry entry: ``MODEL.PROPOSAL_GENERATOR.NAME: "FCOS"`` builds the FCOS proposal generator."""
+def build_fcos_proposal_generator(cfg, input_shape: dict[str, ShapeSpec]) -> FCOSProposalGenerator:
+    """Builds :class:`FCOSProposalGenerator` for ``MODEL.PROPOSAL_GENERATOR.NAME: "FCOS"``."""
     return FCOSProposalGenerator(cfg, input_shape)
+
+
+# Registries key entries by __name__; "FCOS" is the name users write in their YAML files.
+build_fcos_proposal_generator.__name__ = "FCOS"
+PROPOSAL_GENERATOR_REGISTRY.register(build_fcos_proposal_generator)

@@ -4,51 +4,20 @@ Every location of every level is compared with every ground-truth box of its ima
 chunks of boxes when the pair count would exceed a memory cap); no Python loop over boxes, and
 no host-device synchronisation (shapes and box counts are tensor metadata).
 """
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+
+from collections.abc import Sequence
+from typing import NamedTuple, Optional
 
 import torch
 from detectron2.config import configurable
 from detectron2.structures import Instances
 from torch import Tensor
 
+from ..checks import check_that
+from .box_ops import ltrb_distances
+
 INF = float("inf")
-
-
-def compute_locations(
-    feature_sizes: Sequence[Tuple[int, int]], strides: Sequence[int], device: torch.device
-) -> List[Tensor]:
-    """Image coordinates of every feature location, per level, as (H_i * W_i, 2) (x, y) tensors.
-
-    Location (x, y) on a level of stride s maps to (floor(s/2) + x s, floor(s/2) + y s) (Sec. 3.1),
-    in row-major order, matching the flattening of an (N, K, H, W) prediction map.
-    """
-    locations = []
-    for (height, width), stride in zip(feature_sizes, strides):
-        xs = torch.arange(width, dtype=torch.float32, device=device) * stride + stride // 2
-        ys = torch.arange(height, dtype=torch.float32, device=device) * stride + stride // 2
-        grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
-        locations.append(torch.stack([grid_x.reshape(-1), grid_y.reshape(-1)], dim=1))
-    return locations
-
-
-def ltrb_distances(points: Tensor, boxes: Tensor) -> Tensor:
-    """Eq. (1): (l*, t*, r*, b*) = (x - x0, y - y0, x1 - x, y1 - y).
-
-    ``points`` (..., 2) and ``boxes`` (..., 4) broadcast against each other: pass (P, 1, 2) and
-    (1, G, 4) for all pairs, or (P, 2) and (P, 4) for matched pairs.
-    """
-    x, y = points[..., 0], points[..., 1]
-    return torch.stack([x - boxes[..., 0], y - boxes[..., 1], boxes[..., 2] - x, boxes[..., 3] - y], -1)
-
-
-def centerness_from_ltrb(ltrb: Tensor) -> Tensor:
-    """Eq. (3): sqrt(min(l,r)/max(l,r) * min(t,b)/max(t,b)) for (..., 4) distances."""
-    left_right = ltrb[..., [0, 2]]
-    top_bottom = ltrb[..., [1, 3]]
-    ratio = (left_right.min(dim=-1).values / left_right.max(dim=-1).values) * (
-        top_bottom.min(dim=-1).values / top_bottom.max(dim=-1).values
-    )
-    return torch.sqrt(ratio)
+_WHERE = "FCOSTargetAssigner argument"
 
 
 class FCOSTargets(NamedTuple):
@@ -91,20 +60,36 @@ class FCOSTargetAssigner:
             sizes_of_interest: m_3..m_{L}, one fewer than levels, e.g. (64, 128, 256, 512).
             center_sampling_radius: radius in strides; 0 disables center sampling.
         """
-        if len(sizes_of_interest) != len(strides) - 1:
-            raise ValueError(
-                f"MODEL.FCOS.SIZES_OF_INTEREST needs {len(strides) - 1} values for "
-                f"{len(strides)} levels (FPN_STRIDES={list(strides)}), got {list(sizes_of_interest)}"
-            )
+        check_that(
+            len(sizes_of_interest) == len(strides) - 1,
+            "MODEL.FCOS.SIZES_OF_INTEREST",
+            f"{len(strides) - 1} values for {len(strides)} levels (strides {list(strides)})",
+            list(sizes_of_interest),
+            f"{_WHERE} sizes_of_interest",
+            verb="needs",
+        )
         bounds = [0.0, *map(float, sizes_of_interest), INF]
-        if any(low >= high for low, high in zip(bounds[:-1], bounds[1:])):
-            raise ValueError(
-                f"MODEL.FCOS.SIZES_OF_INTEREST must be positive and increasing, got {list(sizes_of_interest)}"
-            )
-        if center_sampling_radius < 0:
-            raise ValueError(f"MODEL.FCOS.POS_RADIUS must be >= 0, got {center_sampling_radius}")
-        if max_pairs_per_chunk < 1:
-            raise ValueError(f"MODEL.FCOS.TARGETS_MAX_PAIRS_PER_CHUNK must be >= 1, got {max_pairs_per_chunk}")
+        check_that(
+            all(low < high for low, high in zip(bounds[:-1], bounds[1:])),
+            "MODEL.FCOS.SIZES_OF_INTEREST",
+            "positive and increasing",
+            list(sizes_of_interest),
+            f"{_WHERE} sizes_of_interest",
+        )
+        check_that(
+            center_sampling_radius >= 0,
+            "MODEL.FCOS.POS_RADIUS",
+            ">= 0",
+            center_sampling_radius,
+            f"{_WHERE} center_sampling_radius",
+        )
+        check_that(
+            max_pairs_per_chunk >= 1,
+            "MODEL.FCOS.TARGETS_MAX_PAIRS_PER_CHUNK",
+            ">= 1",
+            max_pairs_per_chunk,
+            f"{_WHERE} max_pairs_per_chunk",
+        )
         self.strides = list(strides)
         self.size_ranges = list(zip(bounds[:-1], bounds[1:]))
         self.num_classes = num_classes
@@ -124,11 +109,11 @@ class FCOSTargetAssigner:
             "max_pairs_per_chunk": fcos.TARGETS_MAX_PAIRS_PER_CHUNK,
         }
 
-    def __call__(self, locations: List[Tensor], gt_instances: List[Instances]) -> FCOSTargets:
+    def __call__(self, locations: list[Tensor], gt_instances: list[Instances]) -> FCOSTargets:
         """
         Args:
-            locations: per level, (H_i * W_i, 2) image coordinates from :func:`compute_locations`.
-            gt_instances: per image, with ``gt_boxes``, ``gt_classes`` and optionally ``gt_is_crowd``.
+            locations: per level, (H_i * W_i, 2) image coordinates (``box_ops.compute_locations``).
+            gt_instances: per image, with ``gt_boxes``, ``gt_classes`` and maybe ``gt_is_crowd``.
         """
         points, strides, size_ranges = self.flatten_levels(locations)
         labels, reg_targets, matched = [], [], []
@@ -151,7 +136,7 @@ class FCOSTargetAssigner:
             matched.append(matched_gt)
         return FCOSTargets(torch.stack(labels), torch.stack(reg_targets), torch.stack(matched))
 
-    def flatten_levels(self, locations: List[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+    def flatten_levels(self, locations: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """All levels' points (L, 2) with each point's stride (L,) and size range (L, 2).
 
         Built with fills on the points' device: copying Python lists to a GPU would synchronise.
@@ -161,7 +146,9 @@ class FCOSTargetAssigner:
         for level_points, stride, (low, high) in zip(locations, self.strides, self.size_ranges):
             count = (len(level_points),)
             strides.append(points.new_full(count, float(stride)))
-            size_ranges.append(torch.stack([points.new_full(count, low), points.new_full(count, high)], dim=1))
+            size_ranges.append(
+                torch.stack([points.new_full(count, low), points.new_full(count, high)], dim=1)
+            )
         return points, torch.cat(strides), torch.cat(size_ranges)
 
     def candidates(
@@ -188,7 +175,9 @@ class FCOSTargetAssigner:
         else:
             inside = ltrb.min(dim=2).values > 0
         max_distance = ltrb.max(dim=2).values
-        in_range = (max_distance >= size_ranges[:, None, 0]) & (max_distance <= size_ranges[:, None, 1])
+        in_range = (max_distance >= size_ranges[:, None, 0]) & (
+            max_distance <= size_ranges[:, None, 1]
+        )
         is_candidate = inside & in_range
         if crowd is not None:
             is_candidate &= ~crowd.bool()[None, :]
@@ -222,4 +211,3 @@ class FCOSTargetAssigner:
             best_area = torch.where(better, chunk_area, best_area)
             best_idx = torch.where(better, chunk_idx + start, best_idx)
         return best_idx
-

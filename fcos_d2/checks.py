@@ -1,0 +1,28 @@
+"""Argument checks shared by every fcos_d2 module, so that every bad value is reported alike.
+
+Messages start with the yacs key (``MODEL.FCOS.NORM must be one of ...``), because most users set
+values in YAML files, and end with the constructor argument it arrived as, for LazyConfig users.
+"""
+
+from collections.abc import Collection
+from typing import Any
+
+
+def fail(key: str, requirement: str, value: Any, where: str = "", verb: str = "must be") -> None:
+    """Raise the one ValueError format: ``KEY must be REQUIREMENT, got VALUE (WHERE)``."""
+    suffix = f" ({where})" if where else ""
+    raise ValueError(f"{key} {verb} {requirement}, got {value!r}{suffix}")
+
+
+def check_choice(value: Any, choices: Collection[Any], key: str, where: str = "") -> None:
+    """``value`` must be one of ``choices``."""
+    if value not in choices:
+        fail(key, f"one of {tuple(choices)}", value, where)
+
+
+def check_that(
+    condition: bool, key: str, requirement: str, value: Any, where: str = "", verb: str = "must be"
+) -> None:
+    """``condition`` must hold; otherwise report ``value`` against ``requirement``."""
+    if not condition:
+        fail(key, requirement, value, where, verb)
