@@ -1,0 +1,216 @@
+"""The machine description, the targets fcos-d2 is held to, and the Markdown table."""
+
+import os
+import platform
+import statistics
+import subprocess
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .models import LABELS, REFERENCE, REPO
+
+SHORT_LABELS = {
+    "fcos_d2": "fcos-d2",
+    "d2_fcos": "D2 FCOS",
+    "d2_retinanet": "D2 RetinaNet",
+    "tv_fcos": "torchvision FCOS",
+}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cpu_flags() -> set:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return out.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def machine_description(device: torch.device) -> dict:
+    import detectron2
+    import torchvision
+
+    flags = _cpu_flags()
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:
+        affinity = os.cpu_count()
+    info = {
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": affinity,
+        "torch_threads": torch.get_num_threads(),
+        "avx512_bf16": "avx512_bf16" in flags,
+        "amx": "amx_tile" in flags,
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "detectron2": detectron2.__version__,
+        "fcos_d2_commit": _git_commit(),
+        "device": str(device),
+        "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def describe_machine(info: dict) -> str:
+    text = (
+        f"CPU: {info['cpu']} ({info['cpus_usable']} usable of {info['cpu_count']} cores), "
+        f"torch threads {info['torch_threads']}, AVX512-BF16 "
+        f"{'yes' if info['avx512_bf16'] else 'no'}, torch CPU capability "
+        f"{info['torch_cpu_capability']}\n"
+        f"torch {info['torch']}, torchvision {info['torchvision']}, detectron2 "
+        f"{info['detectron2']}, fcos-d2 {info['fcos_d2_commit']}, Python {info['python']}\n"
+        f"device: {info['device']}" + (f" ({info['gpu']})" if "gpu" in info else "")
+    )
+    if info.get("load_average_at_start"):
+        load = ", ".join(f"{x:.1f}" for x in info["load_average_at_start"])
+        text += f"; load average at start: {load}"
+    return text
+
+
+def summarize(samples: list[float], cpu_samples: list[float]) -> dict:
+    return {
+        "median": statistics.median(samples),
+        "samples": samples,
+        "cpu_median": statistics.median(cpu_samples),
+        "cpu_samples": cpu_samples,
+    }
+
+
+def add_ratios(results: dict, reference: str = REFERENCE) -> None:
+    """Each detector's median divided by the reference's (where the reference was measured)."""
+    base = results.get(reference, {}).get("median")
+    for row in results.values():
+        row["ratio"] = row["median"] / base if base else None
+
+
+# Targets --------------------------------------------------------------------------------------
+
+
+def _ratio(benchmarks: dict, key: str, name: str = "fcos_d2") -> Optional[float]:
+    row = benchmarks.get(key, {}).get("results", {}).get(name)
+    return row.get("ratio") if row else None
+
+
+def evaluate_targets(benchmarks: dict) -> list[dict]:
+    """Each target of issue #9 that the benchmarks run could check: the figure, the limit, met."""
+    targets = []
+
+    def add(key: str, figure: str, value: Optional[float], limit: float, what: str):
+        if value is not None:
+            targets.append(
+                {
+                    "benchmark": key,
+                    "figure": figure,
+                    "value": value,
+                    "limit": limit,
+                    "met": value <= limit,
+                    "what": what,
+                }
+            )
+            benchmarks[key].setdefault("targets", []).append(targets[-1])
+
+    for key, bench in benchmarks.items():
+        group = bench["group"]
+        if group == "inference":
+            add(key, "time vs D2 FCOS", _ratio(benchmarks, key), 0.95, "<= 0.95x D2 FCOS")
+        elif group == "train":
+            add(key, "time vs D2 FCOS", _ratio(benchmarks, key), 0.9, "<= 0.9x D2 FCOS")
+        elif group == "assign_loss" and bench["boxes"] == 100:
+            add(key, "time vs D2 FCOS", _ratio(benchmarks, key), 0.5, "<= 0.5x D2 FCOS")
+        elif group == "train_memory":
+            ours = bench["results"].get("fcos_d2", {}).get("median")
+            retina = bench["results"].get("d2_retinanet", {}).get("median")
+            value = ours / retina if ours and retina else None
+            add(key, "memory vs D2 RetinaNet", value, 0.6, "<= 0.6x D2 RetinaNet")
+    memory = sorted(
+        (bench["boxes"], key)
+        for key, bench in benchmarks.items()
+        if bench["group"] == "assign_loss_memory" and "fcos_d2" in bench["results"]
+    )
+    if len(memory) >= 2:
+        (_, previous), (_, key) = memory[-2], memory[-1]
+        value = (
+            benchmarks[key]["results"]["fcos_d2"]["median"]
+            / benchmarks[previous]["results"]["fcos_d2"]["median"]
+        )
+        add(
+            key,
+            f"memory vs fcos-d2 at {benchmarks[previous]['boxes']} boxes",
+            value,
+            1.5,
+            f"bounded: <= 1.5x its own at {benchmarks[previous]['boxes']} boxes",
+        )
+    return targets
+
+
+# Output ---------------------------------------------------------------------------------------
+
+
+def _cell(row: Optional[dict], unit: str) -> str:
+    if not row:
+        return "-"
+    if unit == "s":
+        value = f"{row['median'] * 1000:.1f} ms"
+    else:
+        value = f"{row['median']:.{0 if abs(row['median']) >= 100 else 1}f} MiB"
+    ratio = f" ({row['ratio']:.2f}x)" if row.get("ratio") is not None else ""
+    return value + ratio
+
+
+def markdown_table(benchmarks: dict, detectors: list[str]) -> str:
+    header = ["benchmark", *(SHORT_LABELS[d] for d in detectors), "target (fcos-d2)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for bench in benchmarks.values():
+        cells = [bench["title"]]
+        cells += [_cell(bench["results"].get(d), bench["unit"]) for d in detectors]
+        targets = bench.get("targets", [])
+        cells.append(
+            "; ".join(
+                f"{t['what']}: {t['value']:.2f}x {'met' if t['met'] else 'NOT met'}"
+                for t in targets
+            )
+            or ""
+        )
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def legend(detectors: list[str]) -> str:
+    return "\n".join(f"- {SHORT_LABELS[d]}: {LABELS[d]}" for d in detectors)

@@ -1,0 +1,365 @@
+"""Speed and memory of fcos-d2 against Detectron2's FCOS and RetinaNet and torchvision's FCOS.
+
+    python benchmarks/run.py [--device cpu|cuda] [--threads 2] [--repeats 5] [--quick]
+                             [--only inference,train,...] [--output benchmarks/results]
+
+All models are built in one process on the same synthetic inputs and timed round-robin (one run
+of each model per repetition), so that drift affects all of them alike; the medians are printed
+with their ratio to Detectron2's FCOS, next to the targets of issue #9. Peak memory is measured in
+a fresh process per model (see benchmarks/memory.py). Writes ``results.json`` and ``results.md``
+to ``--output``.
+
+Post-processing settings: every detector gets the same score threshold, 1000 candidates per
+level, NMS at 0.6 and 100 detections. The threshold defaults to 0.0 for whole-model inference:
+with random weights, class probabilities sit at the 0.01 prior, and the implementations do not
+threshold the same score (fcos-d2 the class probability, as the authors; Detectron2 and
+torchvision sqrt(class x center-ness), ~0.07 here), so at 0.05 fcos-d2 would keep no candidate
+and the others all of them. At 0.0 every implementation keeps exactly its top 1000 per level, the
+most post-processing a trained model can cause. The post-processing-only benchmark uses made-up
+head outputs in which the same 1000+ (location, class) pairs per level pass 0.05 under either
+definition (benchmarks/inputs.py), and the real default threshold 0.05.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository (and fcos_d2) importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from benchmarks import memory, report  # noqa: E402
+from benchmarks.inputs import (  # noqa: E402
+    candidate_dense_outputs,
+    random_batch,
+    random_dense_outputs,
+)
+from benchmarks.models import (  # noqa: E402
+    DETECTORS,
+    FCOS_VARIANTS,
+    REFERENCE,
+    TestSettings,
+    build_detector,
+)
+from benchmarks.workloads import (  # noqa: E402
+    assign_loss_workload,
+    candidates_per_level,
+    inference_workload,
+    postprocess_workload,
+    time_interleaved,
+    training_workload,
+)
+
+GROUPS = ("inference", "train", "train_memory", "assign_loss", "assign_loss_memory", "postprocess")
+POSTPROCESS_THRESHOLD = 0.05
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """(batch, height, width) of each benchmark, and the box counts."""
+
+    inference: tuple = ((1, 800, 1216), (4, 512, 640))
+    train: tuple = (2, 512, 640)
+    train_boxes: tuple = (4, 100)
+    train_memory_boxes: int = 100
+    assign: tuple = (2, 512, 640)
+    assign_boxes: tuple = (10, 100, 1000, 5000)
+    postprocess: tuple = (1, 800, 1216)
+    candidates: int = 1000
+
+
+FULL = Sizes()
+QUICK = Sizes(
+    inference=((1, 128, 192), (2, 64, 96)),
+    train=(2, 128, 160),
+    train_memory_boxes=20,
+    assign=(2, 128, 160),
+    assign_boxes=(10, 100, 400),
+    postprocess=(1, 128, 192),
+    candidates=200,
+)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n\n".join(__doc__.split("\n\n")[2:]),
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs (default 5; 2 quick)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the script works")
+    parser.add_argument(
+        "--only", default=",".join(GROUPS), help=f"comma-separated subset of {','.join(GROUPS)}"
+    )
+    parser.add_argument(
+        "--detectors",
+        default=",".join(DETECTORS),
+        help=f"comma-separated subset of {','.join(DETECTORS)} ({REFERENCE} is always included)",
+    )
+    parser.add_argument(
+        "--score-threshold",
+        type=float,
+        default=0.0,
+        help="whole-model inference score threshold for every detector (default 0.0, see above)",
+    )
+    parser.add_argument("--output", default=str(Path(__file__).resolve().parent / "results"))
+    args = parser.parse_args(argv)
+    args.only = _choices(args.only, GROUPS, "--only")
+    args.detectors = _choices(args.detectors, DETECTORS, "--detectors")
+    if REFERENCE not in args.detectors:
+        args.detectors.insert(DETECTORS.index(REFERENCE), REFERENCE)
+    if args.repeats is None:
+        args.repeats = 2 if args.quick else 5
+    if args.repeats < 1 or args.threads < 1:
+        parser.error(f"--repeats and --threads must be >= 1, got {args.repeats}, {args.threads}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device} but CUDA is not available")
+    return args
+
+
+def _choices(value: str, allowed: tuple, option: str) -> list[str]:
+    chosen = [x.strip() for x in value.split(",") if x.strip()]
+    unknown = [x for x in chosen if x not in allowed]
+    if unknown or not chosen:
+        raise SystemExit(f"{option} must be a comma-separated subset of {allowed}, got {value!r}")
+    return [x for x in allowed if x in chosen]
+
+
+class Runner:
+    """Builds each detector once, runs the selected benchmarks, collects their results."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.device = torch.device(args.device)
+        self.sizes = QUICK if args.quick else FULL
+        self.settings = TestSettings(score_threshold=args.score_threshold)
+        self.detectors = {}  # (name, with network) -> Detector
+        self.fresh = None
+        self.benchmarks: dict[str, dict] = {}
+
+    def detector(self, name: str, network: bool = True):
+        """The detector, built once; without ``network`` (for benchmarks that give the head
+        outputs) any built detector will do, else one with a :class:`ShapesOnlyBackbone`."""
+        for key in ((name, network), (name, True)):
+            if key in self.detectors:
+                return self.detectors[key]
+        detector = build_detector(name, self.settings, self.args.device, network)
+        self.detectors[(name, network)] = detector
+        return detector
+
+    def selected(self, names=DETECTORS) -> list[str]:
+        return [d for d in self.args.detectors if d in names]
+
+    def record(self, key: str, group: str, title: str, unit: str, results: dict, **extra):
+        report.add_ratios(results)
+        self.benchmarks[key] = {"group": group, "title": title, "unit": unit, **extra}
+        self.benchmarks[key]["results"] = results
+        cells = ", ".join(
+            f"{name} {report._cell(row, unit)}" for name, row in results.items() if row
+        )
+        print(f"  {title}: {cells}", flush=True)
+
+    def timed(self, key, group, title, workloads, outputs_name=None, **extra):
+        measured = time_interleaved(workloads, self.args.repeats, self.device)
+        results = {}
+        for name, result in measured.items():
+            results[name] = report.summarize(result["samples"], result["cpu_samples"])
+            if outputs_name:
+                results[name][outputs_name] = result["output"]
+        self.record(key, group, title, "s", results, **extra)
+
+    def run_inference(self):
+        for batch_size, height, width in self.sizes.inference:
+            batch = random_batch(batch_size, height, width, 0)
+            workloads = {n: inference_workload(self.detector(n), batch) for n in self.selected()}
+            self.timed(
+                f"inference_b{batch_size}_{height}x{width}",
+                "inference",
+                f"inference, batch {batch_size} at {height}x{width}",
+                workloads,
+                "detections",
+                batch=batch_size,
+                size=[height, width],
+                score_threshold=self.settings.score_threshold,
+            )
+
+    def run_train(self):
+        batch_size, height, width = self.sizes.train
+        for boxes in self.sizes.train_boxes:
+            batch = random_batch(batch_size, height, width, boxes)
+            workloads = {n: training_workload(self.detector(n), batch) for n in self.selected()}
+            self.timed(
+                f"train_step_{boxes}_boxes",
+                "train",
+                f"training step, batch {batch_size} at {height}x{width}, {boxes} boxes/image",
+                workloads,
+                batch=batch_size,
+                size=[height, width],
+                boxes=boxes,
+            )
+
+    def memory_results(self, function, names, spec) -> dict:
+        """``function`` run for each detector in a fresh process; the median is the growth."""
+        results = {}
+        for name in names:
+            measured = self.fresh(
+                function, name, self.settings, self.args.device, self.args.threads, spec
+            )
+            results[name] = {"median": measured["growth_mib"], **measured}
+        return results
+
+    def run_train_memory(self):
+        batch_size, height, width = self.sizes.train
+        boxes = self.sizes.train_memory_boxes
+        spec = {"batch": batch_size, "size": (height, width), "boxes": boxes}
+        results = self.memory_results(memory.training_memory, self.selected(), spec)
+        self.record(
+            f"train_memory_{boxes}_boxes",
+            "train_memory",
+            f"training step peak memory growth, batch {batch_size} at {height}x{width}, "
+            f"{boxes} boxes/image",
+            "MiB",
+            results,
+            batch=batch_size,
+            size=[height, width],
+            boxes=boxes,
+        )
+
+    def run_assign_loss(self):
+        batch_size, height, width = self.sizes.assign
+        outputs = random_dense_outputs(batch_size, height, width, device=self.device)
+        for boxes in self.sizes.assign_boxes:
+            batch = random_batch(batch_size, height, width, boxes)
+            workloads = {
+                n: assign_loss_workload(self.detector(n, network=False), outputs, batch)
+                for n in self.selected(FCOS_VARIANTS)
+            }
+            self.timed(
+                f"assign_loss_{boxes}_boxes",
+                "assign_loss",
+                f"target assignment + loss (fwd+bwd), batch {batch_size} at {height}x{width}, "
+                f"{boxes} boxes/image",
+                workloads,
+                batch=batch_size,
+                size=[height, width],
+                boxes=boxes,
+            )
+
+    def run_assign_loss_memory(self):
+        batch_size, height, width = self.sizes.assign
+        for boxes in self.sizes.assign_boxes:
+            spec = {"batch": batch_size, "size": (height, width), "boxes": boxes}
+            results = self.memory_results(
+                memory.assign_loss_memory, self.selected(FCOS_VARIANTS), spec
+            )
+            self.record(
+                f"assign_loss_memory_{boxes}_boxes",
+                "assign_loss_memory",
+                f"target assignment + loss peak memory growth, batch {batch_size} at "
+                f"{height}x{width}, {boxes} boxes/image",
+                "MiB",
+                results,
+                batch=batch_size,
+                size=[height, width],
+                boxes=boxes,
+            )
+
+    def run_postprocess(self):
+        batch_size, height, width = self.sizes.postprocess
+        outputs = candidate_dense_outputs(
+            batch_size, height, width, 2 * self.sizes.candidates, device=self.device
+        )
+        settings = TestSettings(
+            score_threshold=POSTPROCESS_THRESHOLD, topk_candidates=self.sizes.candidates
+        )
+        workloads = {
+            n: postprocess_workload(
+                self.detector(n, network=False), outputs, (height, width), settings
+            )
+            for n in self.selected(FCOS_VARIANTS)
+        }
+        self.timed(
+            f"postprocess_{self.sizes.candidates}_candidates",
+            "postprocess",
+            f"post-processing only, batch {batch_size} at {height}x{width}, "
+            f"top {self.sizes.candidates} of {2 * self.sizes.candidates} passing per level",
+            workloads,
+            "detections",
+            batch=batch_size,
+            size=[height, width],
+            candidates_per_level=candidates_per_level(height, width, self.sizes.candidates),
+            score_threshold=POSTPROCESS_THRESHOLD,
+        )
+
+    def run(self):
+        if "train_memory" in self.args.only or "assign_loss_memory" in self.args.only:
+            self.fresh = memory.FreshProcesses()  # start its server before anything is timed
+            self.fresh(os.getpid)
+        for group in GROUPS:
+            if group in self.args.only:
+                print(f"{group}:", flush=True)
+                getattr(self, f"run_{group}")()
+        return self.benchmarks
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        device = torch.device(args.device)
+        machine = report.machine_description(device)
+        print(report.describe_machine(machine), flush=True)
+        start = time.perf_counter()
+        benchmarks = Runner(args).run()
+        targets = report.evaluate_targets(benchmarks)
+        elapsed = time.perf_counter() - start
+    finally:
+        torch.set_num_threads(previous_threads)
+    results = {
+        "machine": machine,
+        "settings": {
+            "device": args.device,
+            "threads": args.threads,
+            "repeats": args.repeats,
+            "quick": args.quick,
+            "only": args.only,
+            "score_threshold": args.score_threshold,
+            "postprocess_score_threshold": POSTPROCESS_THRESHOLD,
+        },
+        "reference": REFERENCE,
+        "detectors": {d: report.LABELS[d] for d in args.detectors},
+        "benchmarks": benchmarks,
+        "targets": targets,
+        "elapsed_s": elapsed,
+    }
+    write(results, Path(args.output), args.detectors)
+    return results
+
+
+def write(results: dict, output: Path, detectors: list[str]) -> None:
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "results.json").write_text(json.dumps(results, indent=1))
+    table = report.markdown_table(results["benchmarks"], detectors)
+    text = (
+        f"{report.describe_machine(results['machine'])}\n\n{report.legend(detectors)}\n\n"
+        f"Medians; in brackets the ratio to {report.SHORT_LABELS[REFERENCE]}. "
+        f"Settings: {results['settings']}. Took {results['elapsed_s']:.0f} s.\n\n{table}\n"
+    )
+    (output / "results.md").write_text(text)
+    print("\n" + table)
+    for target in results["targets"]:
+        state = "met" if target["met"] else "NOT met"
+        print(f"target {target['benchmark']}: {target['what']}: {target['value']:.2f}x, {state}")
+    print(f"\nwrote {output / 'results.json'} and {output / 'results.md'}")
+
+
+if __name__ == "__main__":
+    main()

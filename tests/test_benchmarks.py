@@ -1,0 +1,81 @@
+"""benchmarks/run.py: a quick post-processing run writes the JSON and Markdown it promises.
+
+Timings are only checked to be positive: nothing here asserts a speed.
+"""
+
+import json
+import sys
+
+import pytest
+import torch
+from helpers import REPO
+
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks import run  # noqa: E402
+
+
+def test_quick_postprocess_run_writes_results(tmp_path):
+    threads = torch.get_num_threads()
+    run.main(["--quick", "--only", "postprocess", "--repeats", "2", "--output", str(tmp_path)])
+    assert torch.get_num_threads() == threads  # restored for the tests that follow
+
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["reference"] == "d2_fcos"
+    assert results["settings"]["threads"] == 2 and results["settings"]["quick"] is True
+    for key in ("cpu", "torch", "torch_threads", "avx512_bf16", "device"):
+        assert key in results["machine"]
+    assert list(results["benchmarks"]) == ["postprocess_200_candidates"]
+    bench = results["benchmarks"]["postprocess_200_candidates"]
+    assert bench["group"] == "postprocess" and bench["unit"] == "s"
+    # 128x192: P3-P7 offer 30720, 7680, 1920, 480, 160 (location, class) pairs.
+    assert bench["candidates_per_level"] == [200, 200, 200, 200, 160]
+    assert set(bench["results"]) == {"fcos_d2", "d2_fcos", "tv_fcos"}
+    for row in bench["results"].values():
+        assert len(row["samples"]) == 2 and all(t > 0 for t in row["samples"])
+        assert row["median"] == pytest.approx(sum(row["samples"]) / 2)
+        assert row["ratio"] == pytest.approx(row["median"] / bench["results"]["d2_fcos"]["median"])
+        # Every (location, class) pair that passes scores > 0.1, so NMS keeps the top 100.
+        assert row["detections"] == 100
+    assert bench["results"]["d2_fcos"]["ratio"] == 1.0
+    assert results["targets"] == []  # no target concerns post-processing alone
+
+    table = (tmp_path / "results.md").read_text()
+    assert "| benchmark | fcos-d2 | D2 FCOS | D2 RetinaNet | torchvision FCOS |" in table
+    assert "post-processing only, batch 1 at 128x192" in table
+
+
+def test_unknown_benchmark_is_named():
+    with pytest.raises(SystemExit, match="--only must be a comma-separated subset"):
+        run.parse_args(["--only", "inference,speed"])
+
+
+def test_targets_are_judged_against_their_limits():
+    from benchmarks.report import evaluate_targets
+
+    def bench(group, ours, reference, retina=None, boxes=None):
+        results = {"fcos_d2": {"median": ours}, "d2_fcos": {"median": reference}}
+        if retina is not None:
+            results["d2_retinanet"] = {"median": retina}
+        for row in results.values():
+            row["ratio"] = row["median"] / reference
+        return {"group": group, "boxes": boxes, "results": results}
+
+    benchmarks = {
+        "inference": bench("inference", 0.9, 1.0),
+        "train": bench("train", 0.95, 1.0),
+        "assign_100": bench("assign_loss", 0.4, 1.0, boxes=100),
+        "assign_10": bench("assign_loss", 2.0, 1.0, boxes=10),  # no target at 10 boxes
+        "memory": bench("train_memory", 300.0, 400.0, retina=600.0),
+        "assign_memory_1000": bench("assign_loss_memory", 100.0, 200.0, boxes=1000),
+        "assign_memory_5000": bench("assign_loss_memory", 160.0, 900.0, boxes=5000),
+    }
+    targets = {t["benchmark"]: t for t in evaluate_targets(benchmarks)}
+    assert set(targets) == {"inference", "train", "assign_100", "memory", "assign_memory_5000"}
+    assert targets["inference"]["met"] and targets["inference"]["value"] == pytest.approx(0.9)
+    assert not targets["train"]["met"]  # 0.95 > 0.9
+    assert targets["assign_100"]["met"]
+    assert targets["memory"]["met"] and targets["memory"]["value"] == pytest.approx(0.5)
+    assert not targets["assign_memory_5000"]["met"]  # 1.6x its peak at 1000 boxes > 1.5x
+    assert benchmarks["train"]["targets"][0]["limit"] == 0.9
