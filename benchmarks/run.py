@@ -101,7 +101,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--detectors",
         default=",".join(DETECTORS),
-        help=f"comma-separated subset of {','.join(DETECTORS)} ({REFERENCE} is always included)",
+        help=f"comma-separated subset of {','.join(DETECTORS)} (ratios need {REFERENCE})",
     )
     parser.add_argument(
         "--score-threshold",
@@ -113,8 +113,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.only = _choices(args.only, GROUPS, "--only")
     args.detectors = _choices(args.detectors, DETECTORS, "--detectors")
-    if REFERENCE not in args.detectors:
-        args.detectors.insert(DETECTORS.index(REFERENCE), REFERENCE)
     if args.repeats is None:
         args.repeats = 2 if args.quick else 5
     if args.repeats < 1 or args.threads < 1:

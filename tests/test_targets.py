@@ -19,7 +19,7 @@ import torch
 from detectron2.structures import Boxes, Instances
 
 from fcos_d2.modeling.box_ops import centerness_from_ltrb, compute_locations
-from fcos_d2.modeling.targets import FCOSTargetAssigner
+from fcos_d2.modeling.targets import FCOSTargetAssigner, FCOSTargets
 
 STRIDES = (8, 16)
 FEATURE_SIZES = ((8, 8), (4, 4))
@@ -37,7 +37,10 @@ def _instances(boxes, classes, crowd=None):
     return inst
 
 
-def _assign(radius=0.0, normalize=True, boxes=(BOX_A, BOX_B), classes=(2, 5), crowd=None, **kw):
+def _assign(
+    radius=0.0, normalize=True, boxes=(BOX_A, BOX_B), classes=(2, 5), crowd=None, grid=False, **kw
+):
+    """Targets of one 64x64 image; ``grid`` passes the grid sizes (nearby-locations matching)."""
     assigner = FCOSTargetAssigner(
         strides=STRIDES,
         sizes_of_interest=[32],
@@ -47,7 +50,8 @@ def _assign(radius=0.0, normalize=True, boxes=(BOX_A, BOX_B), classes=(2, 5), cr
         **kw,
     )
     locations = compute_locations(FEATURE_SIZES, STRIDES, torch.device("cpu"))
-    return assigner(locations, [_instances(list(boxes), list(classes), crowd)])
+    grid_sizes = FEATURE_SIZES if grid else None
+    return assigner(locations, [_instances(list(boxes), list(classes), crowd)], grid_sizes)
 
 
 def _index(level: int, x: int, y: int) -> int:
@@ -112,10 +116,11 @@ def test_regression_and_centerness_targets_are_exact():
     assert raw[_index(1, 40, 40)].tolist() == [28.0, 32.0, 20.0, 20.0]
 
 
-def test_center_sampling_restricts_positives_to_the_center_region():
+@pytest.mark.parametrize("grid", [False, True], ids=["all_pairs", "nearby"])
+def test_center_sampling_restricts_positives_to_the_center_region(grid):
     # Radius 1.5: on P3 the regions are A (8, 12, 32, 36) and B (24, 22, 48, 46) (inside the boxes);
     # on P4 they cover the whole boxes (A) or (12, 10, 60, 58) (B), leaving P4 unchanged.
-    targets = _assign(radius=1.5)
+    targets = _assign(radius=1.5, grid=grid)
     assert _positives(targets, 0, 0) == {(x, y) for x in (12, 20, 28) for y in (20, 28)}
     # (28, 36) is outside A's region (y must be < 36), so it now goes to B.
     assert _positives(targets, 0, 1) == {(28, 36), (36, 28), (36, 36), (44, 28), (44, 36)}
@@ -164,3 +169,48 @@ def test_crowd_boxes_never_create_positives():
 def test_sizes_of_interest_must_fit_the_levels():
     with pytest.raises(ValueError, match="SIZES_OF_INTEREST needs 1 values"):
         FCOSTargetAssigner(strides=STRIDES, sizes_of_interest=[32, 64], num_classes=2)
+
+
+@pytest.mark.parametrize("radius", [0.5, 1.5, 2.5])
+def test_nearby_matching_equals_all_pairs_matching(radius):
+    """Windows around box centers must find every candidate of the all-pairs rule, bit for bit:
+    random, pixel-aligned, stride-aligned, duplicated (ties), crowd and off-image boxes, on levels
+    whose sizes are not powers of two."""
+    strides, height, width = (8, 16, 32), 200, 136
+    sizes = [(25, 17), (13, 9), (7, 5)]
+    assigner = FCOSTargetAssigner(
+        strides=strides,
+        sizes_of_interest=[48, 96],
+        num_classes=NUM_CLASSES,
+        center_sampling_radius=radius,
+    )
+    locations = compute_locations(sizes, strides, torch.device("cpu"))
+    generator = torch.Generator().manual_seed(0)
+    positives = 0
+    for trial in range(6):
+        xy = torch.rand(60, 2, generator=generator) * torch.tensor([width, height]) * 1.3 - 20
+        wh = torch.exp(torch.rand(60, 2, generator=generator) * 5.5)
+        if trial % 3 == 1:
+            xy, wh = xy.round(), wh.round() + 1
+        elif trial % 3 == 2:
+            xy, wh = (xy / 4).round() * 4, (wh / 8).round() * 8 + 8
+        boxes = torch.cat([xy, xy + wh], dim=1)
+        boxes[7] = boxes[3]
+        instances = Instances((height, width), gt_boxes=Boxes(boxes))
+        instances.gt_classes = torch.randint(NUM_CLASSES, (60,), generator=generator)
+        instances.gt_is_crowd = torch.rand(60, generator=generator) < 0.1
+        everywhere = assigner(locations, [instances])
+        nearby = assigner(locations, [instances], sizes)
+        for field in FCOSTargets._fields:
+            assert torch.equal(getattr(nearby, field), getattr(everywhere, field)), (trial, field)
+        positives += int((everywhere.matched_gt >= 0).sum())
+    assert positives >= 50  # not a vacuous comparison (78, 470, 769 positives for these radii)
+
+
+def test_grid_sizes_must_match_the_locations():
+    assigner = FCOSTargetAssigner(
+        strides=STRIDES, sizes_of_interest=[32], num_classes=2, center_sampling_radius=1.5
+    )
+    locations = compute_locations(FEATURE_SIZES, STRIDES, torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"grid_sizes must be one \(H, W\) per level"):
+        assigner(locations, [_instances([BOX_A], [0])], [(8, 8), (4, 5)])

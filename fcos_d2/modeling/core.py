@@ -162,7 +162,8 @@ class FCOSCore:
         gt_instances: list[Instances],
     ) -> tuple[dict[str, Tensor], Tensor]:
         """The loss dict and the worker-averaged number of positives (a tensor: no host sync)."""
-        targets = self.target_assigner(self.locations(features), gt_instances)
+        grid_sizes = [tuple(f.shape[-2:]) for f in features]
+        targets = self.target_assigner(self.locations(features), gt_instances, grid_sizes)
         return self.loss(
             flatten_predictions(predictions.cls_logits, self.num_classes),
             flatten_predictions(predictions.box_reg, 4),

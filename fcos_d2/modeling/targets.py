@@ -1,10 +1,14 @@
-"""FCOS target assignment (Sec. 3.1-3.3), vectorised over locations x boxes.
+"""FCOS target assignment (Sec. 3.1-3.3), vectorised over (location, box) pairs.
 
-Every location of every level is compared with every ground-truth box of its image at once (in
-chunks of boxes when the pair count would exceed a memory cap); no Python loop over boxes, and
-no host-device synchronisation (shapes and box counts are tensor metadata).
+With center sampling and the levels' grid sizes (as :class:`~fcos_d2.modeling.core.FCOSCore`
+gives them), each box is compared only with the few locations of each level near its center, the
+only ones that can lie in its center region: time and memory grow with the number of boxes, not
+with locations x boxes. Otherwise every location is compared with every box (in chunks of boxes
+when the pair count would exceed a memory cap). Both give the same assignment; neither has a
+Python loop over boxes nor a host-device synchronisation.
 """
 
+import math
 from collections.abc import Sequence
 from typing import NamedTuple, Optional
 
@@ -109,18 +113,42 @@ class FCOSTargetAssigner:
             "max_pairs_per_chunk": fcos.TARGETS_MAX_PAIRS_PER_CHUNK,
         }
 
-    def __call__(self, locations: list[Tensor], gt_instances: list[Instances]) -> FCOSTargets:
+    def __call__(
+        self,
+        locations: list[Tensor],
+        gt_instances: list[Instances],
+        grid_sizes: Optional[Sequence[tuple[int, int]]] = None,
+    ) -> FCOSTargets:
         """
         Args:
             locations: per level, (H_i * W_i, 2) image coordinates (``box_ops.compute_locations``).
             gt_instances: per image, with ``gt_boxes``, ``gt_classes`` and maybe ``gt_is_crowd``.
+            grid_sizes: per level (H_i, W_i), when ``locations`` are row-major grids of spacing
+                the level's stride (as ``compute_locations`` makes them): with center sampling,
+                then, only locations near each box are compared with it (:meth:`match_near`).
         """
         points, strides, size_ranges = self.flatten_levels(locations)
+        near = grid_sizes is not None and self.center_sampling_radius > 0
+        if grid_sizes is not None:
+            counts = [len(x) for x in locations]
+            check_that(
+                len(grid_sizes) == len(locations)
+                and all(int(h) * int(w) == n for (h, w), n in zip(grid_sizes, counts)),
+                "grid_sizes",
+                f"one (H, W) per level with H * W locations ({counts})",
+                [tuple(int(v) for v in size) for size in grid_sizes],
+                "FCOSTargetAssigner",
+            )
         labels, reg_targets, matched = [], [], []
         for instances in gt_instances:
             boxes = instances.gt_boxes.tensor.to(points.dtype)
             crowd = instances.gt_is_crowd if instances.has("gt_is_crowd") else None
-            matched_gt = self.match(points, strides, size_ranges, boxes, crowd)
+            if near:
+                matched_gt = self.match_near(
+                    locations, grid_sizes, strides, size_ranges, boxes, crowd
+                )
+            else:
+                matched_gt = self.match(points, strides, size_ranges, boxes, crowd)
             is_fg = matched_gt >= 0
             safe_idx = matched_gt.clamp(min=0)
             if len(boxes):
@@ -160,27 +188,40 @@ class FCOSTargetAssigner:
         crowd: Optional[Tensor] = None,
     ) -> Tensor:
         """(P, G) bool: location p may regress box g (inside, center region, level range)."""
-        ltrb = ltrb_distances(points[:, None], boxes[None])
+        crowd = crowd[None, :] if crowd is not None else None
+        return self.pair_is_candidate(
+            points[:, None], strides[:, None], size_ranges[:, None], boxes[None], crowd
+        )
+
+    def pair_is_candidate(
+        self,
+        points: Tensor,
+        strides: Tensor,
+        size_ranges: Tensor,
+        boxes: Tensor,
+        crowd: Optional[Tensor] = None,
+    ) -> Tensor:
+        """Element-wise :meth:`candidates`: points (..., 2), strides (...), size ranges (..., 2),
+        boxes (..., 4) and crowd flags (...) broadcast to the pairs' shape."""
+        ltrb = ltrb_distances(points, boxes)
         if self.center_sampling_radius > 0:
-            centers = (boxes[:, :2] + boxes[:, 2:]) / 2
-            radius = (strides * self.center_sampling_radius)[:, None, None]
+            centers = (boxes[..., :2] + boxes[..., 2:]) / 2
+            radius = (strides * self.center_sampling_radius)[..., None]
             region = torch.cat(
                 [
-                    torch.maximum(centers[None] - radius, boxes[None, :, :2]),
-                    torch.minimum(centers[None] + radius, boxes[None, :, 2:]),
+                    torch.maximum(centers - radius, boxes[..., :2]),
+                    torch.minimum(centers + radius, boxes[..., 2:]),
                 ],
-                dim=2,
+                dim=-1,
             )
-            inside = ltrb_distances(points[:, None], region).min(dim=2).values > 0
+            inside = ltrb_distances(points, region).min(dim=-1).values > 0
         else:
-            inside = ltrb.min(dim=2).values > 0
-        max_distance = ltrb.max(dim=2).values
-        in_range = (max_distance >= size_ranges[:, None, 0]) & (
-            max_distance <= size_ranges[:, None, 1]
-        )
+            inside = ltrb.min(dim=-1).values > 0
+        max_distance = ltrb.max(dim=-1).values
+        in_range = (max_distance >= size_ranges[..., 0]) & (max_distance <= size_ranges[..., 1])
         is_candidate = inside & in_range
         if crowd is not None:
-            is_candidate &= ~crowd.bool()[None, :]
+            is_candidate &= ~crowd.bool()
         return is_candidate
 
     def match(
@@ -211,3 +252,68 @@ class FCOSTargetAssigner:
             best_area = torch.where(better, chunk_area, best_area)
             best_idx = torch.where(better, chunk_idx + start, best_idx)
         return best_idx
+
+    def match_near(
+        self,
+        locations: list[Tensor],
+        grid_sizes: Sequence[tuple[int, int]],
+        strides: Tensor,
+        size_ranges: Tensor,
+        boxes: Tensor,
+        crowd: Optional[Tensor] = None,
+    ) -> Tensor:
+        """:meth:`match` with center sampling, comparing each box only with nearby locations.
+
+        A candidate is strictly inside the box's center region, within ``radius`` strides of the
+        center: on a level's grid (spacing ``stride``) its column lies in an open interval of
+        length 2 * radius, a < col < a + 2 * radius, so in [floor(a) + 1, floor(a) + ceil(2r)].
+        A window of ceil(2r) + 2 columns from floor(a) as computed (within 1 of the exact value)
+        covers them; the same for rows. The exact rule (:meth:`pair_is_candidate`, the arithmetic
+        of :meth:`candidates`) then decides, level by level: memory is O(locations + boxes).
+        Ties between boxes of equal area still go to the lowest index.
+        """
+        points = torch.cat(locations)
+        num_points, num_boxes = len(points), len(boxes)
+        device = points.device
+        best_area = points.new_full((num_points,), INF)
+        best_idx = torch.full((num_points,), num_boxes, dtype=torch.long, device=device)
+        if num_boxes == 0:
+            return best_idx - 1
+        window = torch.arange(math.ceil(2 * self.center_sampling_radius) + 2, device=device)
+        centers = (boxes[:, :2] + boxes[:, 2:]) / 2
+        areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        box_idx = torch.arange(num_boxes, device=device)[:, None]
+        start = 0
+        for level_points, (height, width), stride in zip(locations, grid_sizes, self.strides):
+            height, width = int(height), int(width)
+            if height * width == 0:
+                continue
+            # a = (center - radius - origin) / stride, the origin being the level's first location.
+            low = centers - stride * self.center_sampling_radius - level_points[0]
+            first = torch.floor(low / stride).long()  # (G, 2): x then y
+            cols = first[:, 0, None] + window  # (G, S)
+            rows = first[:, 1, None] + window
+            on_grid = (
+                (((rows >= 0) & (rows < height))[:, :, None])
+                & (((cols >= 0) & (cols < width))[:, None, :])
+            )
+            index = (
+                rows.clamp(0, height - 1)[:, :, None] * width + cols.clamp(0, width - 1)[:, None, :]
+            )
+            index = (index + start).reshape(num_boxes, -1)  # (G, S * S) locations per box
+            is_candidate = on_grid.reshape(num_boxes, -1) & self.pair_is_candidate(
+                points[index],
+                strides[index],
+                size_ranges[index],
+                boxes[:, None, :],
+                crowd[:, None] if crowd is not None else None,
+            )
+            # Clamped off-grid pairs repeat an on-grid location, but are never candidates.
+            candidate_area = torch.where(is_candidate, areas[:, None], INF).reshape(-1)
+            index = index.reshape(-1)
+            best_area = best_area.scatter_reduce(0, index, candidate_area, "amin")
+            is_best = is_candidate.reshape(-1) & (candidate_area == best_area[index])
+            winner = torch.where(is_best, box_idx.expand_as(is_candidate).reshape(-1), num_boxes)
+            best_idx = best_idx.scatter_reduce(0, index, winner, "amin")
+            start += height * width
+        return torch.where(best_idx < num_boxes, best_idx, -1)
