@@ -37,6 +37,7 @@ class TestSettings:
     topk_candidates: int = 1000
     detections_per_image: int = 100
     nms_threshold: float = 0.6
+    fcos_d2_opts: tuple = ()  # extra KEY VALUE config overrides for fcos-d2 only
 
 
 class Detector:
@@ -147,6 +148,7 @@ def build_fcos_d2(settings: TestSettings, network: bool) -> nn.Module:
             *("MODEL.FCOS.PRE_NMS_TOPK_TEST", settings.topk_candidates),
             *("MODEL.FCOS.NMS_TH", settings.nms_threshold),
             *("TEST.DETECTIONS_PER_IMAGE", settings.detections_per_image),
+            *settings.fcos_d2_opts,
         ],
     )
     if network:

@@ -109,6 +109,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=0.0,
         help="whole-model inference score threshold for every detector (default 0.0, see above)",
     )
+    parser.add_argument(
+        "--fcos-d2-opts",
+        nargs="+",
+        default=[],
+        metavar="KEY VALUE",
+        help="config overrides for fcos-d2 only, e.g. MODEL.FCOS.CHECKPOINT_TOWERS True",
+    )
     parser.add_argument("--output", default=str(Path(__file__).resolve().parent / "results"))
     args = parser.parse_args(argv)
     args.only = _choices(args.only, GROUPS, "--only")
@@ -137,7 +144,9 @@ class Runner:
         self.args = args
         self.device = torch.device(args.device)
         self.sizes = QUICK if args.quick else FULL
-        self.settings = TestSettings(score_threshold=args.score_threshold)
+        self.settings = TestSettings(
+            score_threshold=args.score_threshold, fcos_d2_opts=tuple(args.fcos_d2_opts)
+        )
         self.detectors = {}  # (name, with network) -> Detector
         self.fresh = None
         self.benchmarks: dict[str, dict] = {}
@@ -330,6 +339,7 @@ def main(argv=None) -> dict:
             "quick": args.quick,
             "only": args.only,
             "score_threshold": args.score_threshold,
+            "fcos_d2_opts": args.fcos_d2_opts,
             "postprocess_score_threshold": POSTPROCESS_THRESHOLD,
         },
         "reference": REFERENCE,

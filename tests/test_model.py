@@ -249,3 +249,31 @@ def test_gn_needs_channels_divisible_by_32(tiny_cfg):
     tiny_cfg.MODEL.FPN.OUT_CHANNELS = 48
     with pytest.raises(ValueError, match="channels \\(48\\) must be a multiple of 32"):
         build_model(tiny_cfg)
+
+
+def test_checkpointed_towers_give_identical_losses_and_gradients():
+    """Recomputing the towers in backward (CHECKPOINT_TOWERS) changes memory, not results."""
+    results = []
+    for checkpoint_towers in (False, True):
+        torch.manual_seed(0)
+        head = _head(num_share_convs=1, checkpoint_towers=checkpoint_towers)
+        features = [
+            torch.randn(2, 32, 8, 8, requires_grad=True),
+            torch.randn(2, 32, 4, 4, requires_grad=True),
+        ]
+        out = head(features)
+        loss = sum((x * torch.randn_like(x)).sum() for part in out for x in part)
+        loss.backward()
+        grads = [p.grad.clone() for p in head.parameters()] + [f.grad for f in features]
+        results.append((loss.detach(), grads))
+        with torch.no_grad():  # inference does not checkpoint
+            assert all(torch.equal(a, b) for a, b in zip(head(features).box_reg, out.box_reg))
+    (loss_plain, grads_plain), (loss_ckpt, grads_ckpt) = results
+    assert torch.equal(loss_plain, loss_ckpt)
+    assert len(grads_plain) == len(grads_ckpt) > 10
+    assert all(torch.equal(a, b) for a, b in zip(grads_plain, grads_ckpt))
+
+
+def test_checkpointed_towers_refuse_batchnorm():
+    with pytest.raises(ValueError, match="CHECKPOINT_TOWERS must be False with MODEL.FCOS.NORM BN"):
+        _head(norm="BN", checkpoint_towers=True)

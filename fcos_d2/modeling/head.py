@@ -12,6 +12,7 @@ import torch
 from detectron2.config import configurable
 from detectron2.layers import NaiveSyncBatchNorm, ShapeSpec
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 from torchvision.ops import DeformConv2d
 
 from ..checks import check_choice, check_that
@@ -131,9 +132,25 @@ class FCOSHead(nn.Module):
         box_activation: str = "relu",
         centerness_on_reg: bool = True,
         prior_prob: float = 0.01,
+        checkpoint_towers: bool = False,
     ):
+        """
+        Args:
+            checkpoint_towers: in training, keep only each tower's input for the backward pass
+                and run the tower again there (``torch.utils.checkpoint``): the towers' saved
+                activations (over a third of the training step's) for a few percent more time;
+                results are unchanged. Not with BatchNorm, whose statistics would update twice.
+        """
         super().__init__()
         check_choice(norm, NORMS, "MODEL.FCOS.NORM", f"{_WHERE} norm")
+        check_that(
+            not (checkpoint_towers and norm in ("BN", "SyncBN")),
+            "MODEL.FCOS.CHECKPOINT_TOWERS",
+            "False with MODEL.FCOS.NORM BN or SyncBN (recomputing would update their statistics "
+            "twice)",
+            checkpoint_towers,
+            f"{_WHERE} checkpoint_towers",
+        )
         check_choice(
             box_activation, BOX_ACTIVATIONS, "MODEL.FCOS.BOX_ACTIVATION", f"{_WHERE} box_activation"
         )
@@ -167,6 +184,7 @@ class FCOSHead(nn.Module):
         self.num_classes = num_classes
         self.box_activation = box_activation
         self.centerness_on_reg = centerness_on_reg
+        self.checkpoint_towers = checkpoint_towers
 
         self.cls_tower = Tower(num_cls_convs, in_channels, norm, num_levels, use_deformable)
         self.bbox_tower = Tower(num_box_convs, in_channels, norm, num_levels, use_deformable)
@@ -199,14 +217,15 @@ class FCOSHead(nn.Module):
             "box_activation": fcos.BOX_ACTIVATION,
             "centerness_on_reg": fcos.CENTERNESS_ON_REG,
             "prior_prob": fcos.PRIOR_PROB,
+            "checkpoint_towers": fcos.CHECKPOINT_TOWERS,
         }
 
     def forward(self, features: list[Tensor]) -> FCOSHeadOutputs:
         cls_logits, box_reg, quality_logits = [], [], []
         for level, feature in enumerate(features):
-            shared = self.share_tower(feature, level)
-            cls_feature = self.cls_tower(shared, level)
-            box_feature = self.bbox_tower(shared, level)
+            shared = self._run_tower(self.share_tower, feature, level)
+            cls_feature = self._run_tower(self.cls_tower, shared, level)
+            box_feature = self._run_tower(self.bbox_tower, shared, level)
             cls_logits.append(self.cls_logits(cls_feature))
             quality_logits.append(
                 self.ctrness(box_feature if self.centerness_on_reg else cls_feature)
@@ -216,3 +235,8 @@ class FCOSHead(nn.Module):
                 reg = self.scales[level](reg)
             box_reg.append(torch.relu(reg) if self.box_activation == "relu" else torch.exp(reg))
         return FCOSHeadOutputs(cls_logits, box_reg, quality_logits)
+
+    def _run_tower(self, tower: Tower, x: Tensor, level: int) -> Tensor:
+        if self.checkpoint_towers and len(tower) and torch.is_grad_enabled() and x.requires_grad:
+            return checkpoint(tower, x, level, use_reentrant=False)
+        return tower(x, level)
