@@ -184,7 +184,7 @@ def evaluate_targets(benchmarks: dict) -> list[dict]:
 
 
 def _cell(row: Optional[dict], unit: str) -> str:
-    if not row:
+    if not row or row.get("median") is None:
         return "-"
     if unit == "s":
         value = f"{row['median'] * 1000:.1f} ms"
@@ -194,20 +194,31 @@ def _cell(row: Optional[dict], unit: str) -> str:
     return value + ratio
 
 
-def markdown_table(benchmarks: dict, detectors: list[str]) -> str:
-    header = ["benchmark", *(SHORT_LABELS[d] for d in detectors), "target (fcos-d2)"]
+def markdown_table(benchmarks: dict, detectors: list[str], cpu: bool = False) -> str:
+    """One row per benchmark: medians with ratios, and the targets; ``cpu``: process CPU time
+    medians of the timed benchmarks instead (no targets)."""
+    header = ["benchmark", *(SHORT_LABELS[d] for d in detectors)]
+    header += [] if cpu else ["target (fcos-d2)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for bench in benchmarks.values():
+        results = bench["results"]
+        if cpu:
+            if bench["unit"] != "s":
+                continue
+            results = {
+                name: {"median": row["cpu_median"], "samples": row["cpu_samples"]}
+                for name, row in results.items()
+            }
+            add_ratios(results)
         cells = [bench["title"]]
-        cells += [_cell(bench["results"].get(d), bench["unit"]) for d in detectors]
-        targets = bench.get("targets", [])
-        cells.append(
-            "; ".join(
-                f"{t['what']}: {t['value']:.2f}x {'met' if t['met'] else 'NOT met'}"
-                for t in targets
+        cells += [_cell(results.get(d), bench["unit"]) for d in detectors]
+        if not cpu:
+            cells.append(
+                "; ".join(
+                    f"{t['what']}: {t['value']:.2f}x {'met' if t['met'] else 'NOT met'}"
+                    for t in bench.get("targets", [])
+                )
             )
-            or ""
-        )
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

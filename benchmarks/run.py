@@ -21,6 +21,7 @@ definition (benchmarks/inputs.py), and the real default threshold 0.05.
 """
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -305,7 +306,8 @@ class Runner:
             score_threshold=POSTPROCESS_THRESHOLD,
         )
 
-    def run(self):
+    def run(self, after_group=None) -> dict:
+        """Runs the selected groups in order; ``after_group(benchmarks)`` after each."""
         if "train_memory" in self.args.only or "assign_loss_memory" in self.args.only:
             self.fresh = memory.FreshProcesses()  # start its server before anything is timed
             self.fresh(os.getpid)
@@ -313,6 +315,8 @@ class Runner:
             if group in self.args.only:
                 print(f"{group}:", flush=True)
                 getattr(self, f"run_{group}")()
+                if after_group is not None:
+                    after_group(self.benchmarks)
         return self.benchmarks
 
 
@@ -320,53 +324,62 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
+    output = Path(args.output)
     try:
         device = torch.device(args.device)
-        machine = report.machine_description(device)
-        print(report.describe_machine(machine), flush=True)
+        results = {
+            "machine": report.machine_description(device),
+            "settings": {
+                "device": args.device,
+                "threads": args.threads,
+                "repeats": args.repeats,
+                "quick": args.quick,
+                "only": args.only,
+                "score_threshold": args.score_threshold,
+                "fcos_d2_opts": args.fcos_d2_opts,
+                "postprocess_score_threshold": POSTPROCESS_THRESHOLD,
+            },
+            "reference": REFERENCE,
+            "detectors": {d: report.LABELS[d] for d in args.detectors},
+            "complete": False,
+        }
+        print(report.describe_machine(results["machine"]), flush=True)
         start = time.perf_counter()
-        benchmarks = Runner(args).run()
-        targets = report.evaluate_targets(benchmarks)
-        elapsed = time.perf_counter() - start
+
+        def save(benchmarks: dict, complete: bool) -> None:
+            """Written after every group, so that an interrupted run keeps what it measured."""
+            results["benchmarks"] = copy.deepcopy(benchmarks)
+            results["targets"] = report.evaluate_targets(results["benchmarks"])
+            results["elapsed_s"] = time.perf_counter() - start
+            results["complete"] = complete
+            write(results, output, args.detectors)
+
+        benchmarks = Runner(args).run(lambda b: save(b, complete=False))
+        save(benchmarks, complete=True)
     finally:
         torch.set_num_threads(previous_threads)
-    results = {
-        "machine": machine,
-        "settings": {
-            "device": args.device,
-            "threads": args.threads,
-            "repeats": args.repeats,
-            "quick": args.quick,
-            "only": args.only,
-            "score_threshold": args.score_threshold,
-            "fcos_d2_opts": args.fcos_d2_opts,
-            "postprocess_score_threshold": POSTPROCESS_THRESHOLD,
-        },
-        "reference": REFERENCE,
-        "detectors": {d: report.LABELS[d] for d in args.detectors},
-        "benchmarks": benchmarks,
-        "targets": targets,
-        "elapsed_s": elapsed,
-    }
-    write(results, Path(args.output), args.detectors)
+    print("\n" + report.markdown_table(results["benchmarks"], args.detectors))
+    for target in results["targets"]:
+        state = "met" if target["met"] else "NOT met"
+        print(f"target {target['benchmark']}: {target['what']}: {target['value']:.2f}x, {state}")
+    print(f"\nwrote {output / 'results.json'} and {output / 'results.md'}")
     return results
 
 
 def write(results: dict, output: Path, detectors: list[str]) -> None:
     output.mkdir(parents=True, exist_ok=True)
     (output / "results.json").write_text(json.dumps(results, indent=1))
-    table = report.markdown_table(results["benchmarks"], detectors)
+    state = "" if results["complete"] else " INCOMPLETE (interrupted or still running)."
     text = (
         f"{report.describe_machine(results['machine'])}\n\n{report.legend(detectors)}\n\n"
         f"Medians; in brackets the ratio to {report.SHORT_LABELS[REFERENCE]}. "
-        f"Settings: {results['settings']}. Took {results['elapsed_s']:.0f} s.\n\n{table}\n"
+        f"Settings: {results['settings']}. Took {results['elapsed_s']:.0f} s.{state}\n\n"
+        f"{report.markdown_table(results['benchmarks'], detectors)}\n\n"
+        "Process CPU time (all threads), less disturbed than wall time by other processes on a "
+        "shared machine:\n\n"
+        f"{report.markdown_table(results['benchmarks'], detectors, cpu=True)}\n"
     )
     (output / "results.md").write_text(text)
-    print("\n" + table)
-    for target in results["targets"]:
-        state = "met" if target["met"] else "NOT met"
-        print(f"target {target['benchmark']}: {target['what']}: {target['value']:.2f}x, {state}")
-    print(f"\nwrote {output / 'results.json'} and {output / 'results.md'}")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ def test_quick_postprocess_run_writes_results(tmp_path):
     assert torch.get_num_threads() == threads  # restored for the tests that follow
 
     results = json.loads((tmp_path / "results.json").read_text())
-    assert results["reference"] == "d2_fcos"
+    assert results["reference"] == "d2_fcos" and results["complete"] is True
     assert results["settings"]["threads"] == 2 and results["settings"]["quick"] is True
     for key in ("cpu", "torch", "torch_threads", "avx512_bf16", "device"):
         assert key in results["machine"]
@@ -44,6 +44,7 @@ def test_quick_postprocess_run_writes_results(tmp_path):
     table = (tmp_path / "results.md").read_text()
     assert "| benchmark | fcos-d2 | D2 FCOS | D2 RetinaNet | torchvision FCOS |" in table
     assert "post-processing only, batch 1 at 128x192" in table
+    assert "Process CPU time" in table  # the second table, of CPU times
 
 
 def test_unknown_benchmark_is_named():
