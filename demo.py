@@ -17,7 +17,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import DefaultPredictor
 from detectron2.utils.visualizer import Visualizer
 
-from fcos_d2.data.builtin import register_shapes_from_config
+from fcos_d2.data.builtin import register_datasets_from_config
 from fcos_d2.engine import build_cfg
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
@@ -63,8 +63,13 @@ def main(argv=None) -> int:
         cfg.MODEL.FCOS.INFERENCE_TH_TEST, args.confidence_threshold
     )
     cfg.freeze()
-    register_shapes_from_config(cfg)
+    register_datasets_from_config(cfg)
     if args.dataset:
+        if args.dataset not in DatasetCatalog.list():
+            raise SystemExit(
+                f"demo.py: dataset {args.dataset!r} is not registered: name one of "
+                "DATASETS.TRAIN/TEST, the shapes splits, or a DATASETS.COCO_JSON / VOC_DIR entry"
+            )
         inputs = [Path(d["file_name"]) for d in DatasetCatalog.get(args.dataset)]
         metadata = MetadataCatalog.get(args.dataset)
     else:

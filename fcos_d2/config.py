@@ -20,6 +20,8 @@ def add_fcos_config(cfg: CN) -> CN:
         _add_solver_keys(cfg)
     if "SHAPES" not in cfg.DATASETS:
         _add_dataset_keys(cfg)
+    if "COCO_JSON" not in cfg.DATASETS:
+        _add_user_dataset_keys(cfg)
     return cfg
 
 
@@ -38,6 +40,17 @@ def _add_dataset_keys(cfg: CN) -> None:
     shapes.IMAGE_SIZE = [256, 256]  # height, width
     shapes.MAX_OBJECTS = 6
     shapes.SEED = 0
+
+
+def _add_user_dataset_keys(cfg: CN) -> None:
+    # Your own data, registered by path before anything is built (fcos_d2/data/user_datasets.py);
+    # relative paths are relative to the working directory.
+    # ((name, json file, image folder), ...): COCO json, through register_coco_instances.
+    cfg.DATASETS.COCO_JSON = ()
+    # ((name, VOC directory, split), ...): Pascal VOC layout, through register_pascal_voc.
+    cfg.DATASETS.VOC_DIR = ()
+    # Class names of the VOC_DIR datasets; empty: the sorted names found in their annotations.
+    cfg.DATASETS.VOC_CLASSES = ()
 
 
 def _add_model_keys(cfg: CN) -> None:

@@ -22,7 +22,8 @@ from detectron2.utils import comm
 from .checks import check_choice
 from .config import add_fcos_config
 from .d2_compat import cpu_friendly_ddp, last_eval_results, use_cpu_autocast
-from .data.builtin import register_shapes_from_config
+from .data.builtin import register_datasets_from_config
+from .data.user_datasets import check_training_data
 
 logger = logging.getLogger("fcos_d2")
 
@@ -59,6 +60,7 @@ class Trainer(DefaultTrainer):
             base_cfg.SOLVER.AMP.ENABLED = (
                 False  # else DefaultTrainer builds the CUDA-only AMPTrainer
             )
+        check_training_data(cfg)
         with cpu_friendly_ddp():
             super().__init__(base_cfg)
         check_num_classes(cfg)
@@ -123,7 +125,7 @@ def setup(args) -> CfgNode:
     if cfg.MODEL.DEVICE == "cpu" and comm.get_local_size() > 1:
         # Processes share the machine's cores; oversubscription only slows every one of them.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // comm.get_local_size()))
-    register_shapes_from_config(cfg)
+    register_datasets_from_config(cfg)
     return cfg
 
 

@@ -1,5 +1,5 @@
-"""The embedded "shapes" datasets, registered under stable names from ``DATASETS.SHAPES.*``
-(keys added by :func:`fcos_d2.add_fcos_config`)."""
+"""Datasets named by the config: the embedded "shapes" splits (``DATASETS.SHAPES.*``) and your own
+(``DATASETS.COCO_JSON``, ``DATASETS.VOC_DIR``); keys added by :func:`fcos_d2.add_fcos_config`."""
 
 from pathlib import Path
 
@@ -7,6 +7,7 @@ from detectron2.config import CfgNode as CN
 from detectron2.utils import comm
 
 from .shapes import ShapesSpec, default_shapes_root, register_shapes_dataset
+from .user_datasets import register_user_datasets
 
 # Split name -> offset added to DATASETS.SHAPES.SEED, so that train and val never share images.
 SHAPES_SPLITS: dict[str, int] = {"shapes_train": 0, "shapes_val": 1000}
@@ -40,3 +41,10 @@ def register_shapes_from_config(cfg: CN) -> None:
     if comm.get_local_rank() != 0:
         for name in names:
             register_shapes_dataset(name, shapes_spec(cfg, name), root)
+
+
+def register_datasets_from_config(cfg: CN) -> None:
+    """Register every dataset the config defines: the shapes splits it uses, then
+    ``DATASETS.COCO_JSON`` and ``DATASETS.VOC_DIR`` (checked, with errors naming the entry)."""
+    register_shapes_from_config(cfg)
+    register_user_datasets(cfg)
