@@ -5,7 +5,8 @@
     python demo.py --config-file CFG --dataset shapes_val --max-images 8 --output out/ \
         MODEL.WEIGHTS w.pth
 
-Uses Detectron2's ``DefaultPredictor`` and ``Visualizer``.
+Uses Detectron2's ``DefaultPredictor`` (through :class:`fcos_d2.predictor.FCOSPredictor`, which also
+reads grayscale, RGBA, 16-bit and EXIF-rotated files) and ``Visualizer``.
 """
 
 import argparse
@@ -14,27 +15,12 @@ from pathlib import Path
 
 import cv2
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.engine import DefaultPredictor
 from detectron2.utils.visualizer import Visualizer
 
 from fcos_d2.data.builtin import register_datasets_from_config
+from fcos_d2.data.images import ImageReadError, collect_image_files, read_image_bgr
 from fcos_d2.engine import build_cfg
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
-
-
-def collect_inputs(paths: list[str]) -> list[Path]:
-    """Files as given, folders expanded to their images (sorted); missing paths are an error."""
-    files: list[Path] = []
-    for raw in paths:
-        path = Path(raw)
-        if path.is_dir():
-            files += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise SystemExit(f"demo.py: input {raw!r} does not exist")
-    return files
+from fcos_d2.predictor import FCOSPredictor
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -73,21 +59,22 @@ def main(argv=None) -> int:
         inputs = [Path(d["file_name"]) for d in DatasetCatalog.get(args.dataset)]
         metadata = MetadataCatalog.get(args.dataset)
     else:
-        inputs = collect_inputs(args.input)
+        try:
+            inputs = collect_image_files(args.input)
+        except ImageReadError as error:
+            raise SystemExit(f"demo.py: {error}") from None
         metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
     if args.max_images > 0:
         inputs = inputs[: args.max_images]
-    predictor = DefaultPredictor(cfg)
+    predictor = FCOSPredictor(cfg)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     failures = 0
     for path in inputs:
-        image = cv2.imread(str(path), cv2.IMREAD_COLOR)  # BGR, as DefaultPredictor expects
-        if image is None:
-            print(
-                f"demo.py: cannot read image {path} (missing, not an image, or corrupt); skipped",
-                file=sys.stderr,
-            )
+        try:
+            image = read_image_bgr(path)  # upright (EXIF), 3-channel 8-bit, BGR
+        except ImageReadError as error:
+            print(f"demo.py: cannot read image {error}; skipped", file=sys.stderr)
             failures += 1
             continue
         instances = predictor(image)["instances"].to("cpu")
