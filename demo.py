@@ -17,6 +17,7 @@ import cv2
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.utils.visualizer import Visualizer
 
+from fcos_d2.checks import exit_on_config_error
 from fcos_d2.data.builtin import register_datasets_from_config
 from fcos_d2.data.images import ImageReadError, collect_image_files, read_image_bgr
 from fcos_d2.engine import build_cfg
@@ -88,4 +89,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_on_config_error("demo.py", main))

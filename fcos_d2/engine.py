@@ -19,7 +19,7 @@ from detectron2.evaluation import COCOEvaluator, verify_results
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.utils import comm
 
-from .checks import check_choice
+from .checks import ConfigError, check_choice
 from .config import add_fcos_config
 from .d2_compat import cpu_friendly_ddp, last_eval_results, use_cpu_autocast
 from .data.builtin import register_datasets_from_config
@@ -41,7 +41,7 @@ def check_num_classes(cfg: CfgNode) -> None:
     for name in cfg.DATASETS.TRAIN:
         classes = MetadataCatalog.get(name).get("thing_classes")
         if classes is not None and len(classes) != cfg.MODEL.FCOS.NUM_CLASSES:
-            raise ValueError(
+            raise ConfigError(
                 f"MODEL.FCOS.NUM_CLASSES={cfg.MODEL.FCOS.NUM_CLASSES} but dataset {name!r} has "
                 f"{len(classes)} classes {list(classes)}"
             )
@@ -106,15 +106,34 @@ class Trainer(DefaultTrainer):
 
 
 def build_cfg(config_file: str = "", opts: list = ()) -> CfgNode:
-    """Detectron2 defaults + fcos_d2 keys, merged with a YAML file and ``KEY VALUE`` overrides."""
+    """Detectron2 defaults + fcos_d2 keys, merged with a YAML file and ``KEY VALUE`` overrides.
+
+    yacs' errors (unknown key, wrong type, odd number of overrides) become :class:`ConfigError`
+    naming the file or the command line.
+    """
     cfg = add_fcos_config(get_cfg())
     if config_file:
-        cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
+        if not os.path.isfile(config_file):
+            raise ConfigError(f"config file {config_file} does not exist")
+        try:
+            cfg.merge_from_file(config_file)
+        except (KeyError, ValueError, AssertionError) as error:
+            raise ConfigError(
+                f"in {config_file} (or its _BASE_ files): {_yacs_message(error)}"
+            ) from None
+    try:
+        cfg.merge_from_list(list(opts))
+    except (KeyError, ValueError, AssertionError) as error:
+        raise ConfigError(f"in the command-line overrides: {_yacs_message(error)}") from None
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         logger.warning("MODEL.DEVICE=%s but CUDA is not available: using the CPU", cfg.MODEL.DEVICE)
         cfg.MODEL.DEVICE = "cpu"
     return cfg
+
+
+def _yacs_message(error: Exception) -> str:
+    # KeyError's str() quotes its message; the others are plain.
+    return error.args[0] if isinstance(error, KeyError) and error.args else str(error)
 
 
 def setup(args) -> CfgNode:

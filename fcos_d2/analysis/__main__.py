@@ -34,6 +34,7 @@ from detectron2.data.datasets.coco import convert_to_coco_dict  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from pycocotools.coco import COCO  # noqa: E402
 
+from ..checks import exit_on_config_error  # noqa: E402
 from ..data.builtin import register_datasets_from_config  # noqa: E402
 from ..engine import Trainer, build_cfg  # noqa: E402
 from ..modeling.targets import FCOSTargetAssigner  # noqa: E402
@@ -241,4 +242,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_on_config_error("python -m fcos_d2.analysis", main))

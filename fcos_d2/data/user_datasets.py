@@ -17,6 +17,8 @@ from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances, register_pascal_voc
 
+from ..checks import ConfigError
+
 logger = logging.getLogger(__name__)
 
 COCO_KEYS = ("images", "annotations", "categories")
@@ -25,7 +27,7 @@ ANNOTATED_IMAGES = "fcos_d2_annotated_images"
 MAX_NAMED = 5  # how many offending files or ids an error lists
 
 
-class DatasetConfigError(ValueError):
+class DatasetConfigError(ConfigError):
     """A ``DATASETS.*`` entry that cannot be registered or loaded as it is."""
 
 
