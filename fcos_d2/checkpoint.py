@@ -23,7 +23,6 @@ from typing import Callable, Optional
 from torch import Tensor, nn
 
 ADELAIDET_HEAD = "proposal_generator.fcos_head."
-OUR_HEAD = "head."
 CONVERT_HINT = "python -m fcos_d2.convert --from fcos IN OUT"
 
 # Detectron2's FrozenBatchNorm2d default (detectron2/layers/batch_norm.py): it normalizes with

@@ -216,6 +216,7 @@ def test_adelaidet_checkpoint_loads_with_identical_detections(source, tmp_path, 
     assert_same_detections(detect(loaded), detections)
 
 
+@pytest.mark.slow
 def test_adelaidet_weights_in_default_predictor(source, tmp_path):
     cfg = small_cfg()
     cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = 96, 160
