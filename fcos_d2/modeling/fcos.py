@@ -14,7 +14,9 @@ from detectron2.structures import ImageList, Instances
 from detectron2.utils.events import get_event_storage
 from torch import Tensor
 
+from ..checkpoint import register_adelaidet_loading
 from ..checks import check_that
+from ..config import check_authors_keys
 from .core import FCOSCore
 from .head import FCOSHead, FCOSHeadOutputs
 
@@ -54,9 +56,12 @@ class FCOS(DenseDetector):
             "FCOS argument core",
         )
         self.core = core
+        # MODEL.WEIGHTS may be an AdelaiDet checkpoint (head at proposal_generator.fcos_head.*).
+        register_adelaidet_loading(self)
 
     @classmethod
     def from_config(cls, cfg) -> dict:
+        check_authors_keys(cfg)
         backbone = build_backbone(cfg)
         shapes = backbone.output_shape()
         core = FCOSCore(cfg, shapes)
