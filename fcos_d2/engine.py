@@ -14,7 +14,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
 from detectron2.data import MetadataCatalog
-from detectron2.engine import DefaultTrainer, default_setup
+from detectron2.engine import DefaultTrainer, default_setup, hooks
 from detectron2.evaluation import COCOEvaluator, verify_results
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.utils import comm
@@ -23,6 +23,7 @@ from .checks import check_choice
 from .config import add_fcos_config
 from .d2_compat import cpu_friendly_ddp, last_eval_results, use_cpu_autocast
 from .data.builtin import register_shapes_from_config
+from .tta import build_tta_model
 
 logger = logging.getLogger("fcos_d2")
 
@@ -102,6 +103,19 @@ class Trainer(DefaultTrainer):
             return test_with_oracle_quality(cfg, model, lambda name: cls.build_evaluator(cfg, name))
         return super().test(cfg, model, evaluators)
 
+    @classmethod
+    def test_with_TTA(cls, cfg: CfgNode, model: torch.nn.Module) -> "OrderedDict[str, Any]":
+        """Evaluation with test-time augmentation (``TEST.AUG.*``, :mod:`fcos_d2.tta`), as in
+        Detectron2's tools/train_net.py: result keys get a ``_TTA`` suffix."""
+        logger.info("Running inference with test-time augmentation ...")
+        model = build_tta_model(cfg, model)
+        evaluators = [
+            cls.build_evaluator(cfg, name, os.path.join(cfg.OUTPUT_DIR, "inference_TTA", name))
+            for name in cfg.DATASETS.TEST
+        ]
+        results = cls.test(cfg, model, evaluators)
+        return OrderedDict((k + "_TTA", v) for k, v in results.items())
+
 
 def build_cfg(config_file: str = "", opts: list = ()) -> CfgNode:
     """Detectron2 defaults + fcos_d2 keys, merged with a YAML file and ``KEY VALUE`` overrides."""
@@ -136,11 +150,21 @@ def main(args) -> dict[str, Any]:
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         results = Trainer.test(cfg, model)
+        if cfg.TEST.AUG.ENABLED:
+            results.update(Trainer.test_with_TTA(cfg, model))
         if comm.is_main_process():
             verify_results(cfg, results)
         return results
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
+    tta_results: dict[str, Any] = {}
+    if cfg.TEST.AUG.ENABLED:
+
+        def test_with_tta() -> dict[str, Any]:
+            tta_results.update(Trainer.test_with_TTA(cfg, trainer.model))
+            return tta_results
+
+        trainer.register_hooks([hooks.EvalHook(0, test_with_tta)])  # after training ends
     trainer.train()
     # DefaultTrainer's EvalHook always evaluates once at the end of training.
-    return last_eval_results(trainer)
+    return {**last_eval_results(trainer), **tta_results}
