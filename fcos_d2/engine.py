@@ -8,6 +8,7 @@ Detectron2 internals live in :mod:`fcos_d2.d2_compat`.
 import logging
 import os
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Any, Optional
 
 import torch
@@ -36,15 +37,36 @@ def check_num_classes(cfg: CfgNode) -> None:
     A mismatch would otherwise go unnoticed: class NUM_CLASSES becomes background, larger ones
     fail deep inside the loss.
     """
-    if cfg.MODEL.META_ARCHITECTURE != "FCOS":
-        return
-    for name in cfg.DATASETS.TRAIN:
+    if cfg.MODEL.META_ARCHITECTURE == "FCOS":
+        check_dataset_classes(
+            cfg.MODEL.FCOS.NUM_CLASSES, cfg.DATASETS.TRAIN, "MODEL.FCOS.NUM_CLASSES"
+        )
+
+
+def check_dataset_classes(num_classes: int, dataset_names: Sequence[str], key: str) -> None:
+    """``num_classes`` (set by ``key``) must be the class count of every dataset that knows it."""
+    for name in dataset_names:
         classes = MetadataCatalog.get(name).get("thing_classes")
-        if classes is not None and len(classes) != cfg.MODEL.FCOS.NUM_CLASSES:
+        if classes is not None and len(classes) != num_classes:
             raise ValueError(
-                f"MODEL.FCOS.NUM_CLASSES={cfg.MODEL.FCOS.NUM_CLASSES} but dataset {name!r} has "
-                f"{len(classes)} classes {list(classes)}"
+                f"{key}={num_classes} but dataset {name!r} has {len(classes)} classes "
+                f"{list(classes)}"
             )
+
+
+def available_device(device: str, key: str = "MODEL.DEVICE") -> str:
+    """``device`` (set by ``key``), or "cpu" where it names CUDA and CUDA is unavailable."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        logger.warning("%s=%s but CUDA is not available: using the CPU", key, device)
+        return "cpu"
+    return device
+
+
+def share_cpu_threads(device: str) -> None:
+    """On the CPU, split the machine's cores between this machine's worker processes."""
+    if device == "cpu" and comm.get_local_size() > 1:
+        # Processes share the machine's cores; oversubscription only slows every one of them.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // comm.get_local_size()))
 
 
 class Trainer(DefaultTrainer):
@@ -123,9 +145,7 @@ def build_cfg(config_file: str = "", opts: list = ()) -> CfgNode:
     if config_file:
         cfg.merge_from_file(config_file)
     cfg.merge_from_list(list(opts))
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        logger.warning("MODEL.DEVICE=%s but CUDA is not available: using the CPU", cfg.MODEL.DEVICE)
-        cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.DEVICE = available_device(cfg.MODEL.DEVICE)
     return cfg
 
 
@@ -134,9 +154,7 @@ def setup(args) -> CfgNode:
     cfg = build_cfg(args.config_file, args.opts)
     cfg.freeze()
     default_setup(cfg, args)
-    if cfg.MODEL.DEVICE == "cpu" and comm.get_local_size() > 1:
-        # Processes share the machine's cores; oversubscription only slows every one of them.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // comm.get_local_size()))
+    share_cpu_threads(cfg.MODEL.DEVICE)
     register_shapes_from_config(cfg)
     return cfg
 
