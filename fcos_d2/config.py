@@ -26,7 +26,16 @@ def add_fcos_config(cfg: CN) -> CN:
         _add_user_dataset_keys(cfg)
     if "MOBILENET" not in cfg.MODEL:
         _add_authors_keys(cfg)
+    if "BOX_VOTING" not in cfg.TEST.AUG:
+        _add_test_keys(cfg)
     return cfg
+
+
+def _add_test_keys(cfg: CN) -> None:
+    # ours: test-time augmentation (TEST.AUG.ENABLED, fcos_d2/tta.py) merges the detections of all
+    # augmented inputs with per-class NMS; with box voting each kept box becomes the score-weighted
+    # mean of the same-class boxes overlapping it at IoU >= MODEL.FCOS.NMS_TH.
+    cfg.TEST.AUG.BOX_VOTING = False
 
 
 def _add_authors_keys(cfg: CN) -> None:
