@@ -17,10 +17,15 @@ Two releases, one table of key names each (facts from the repositories, not thei
 """
 
 import logging
+import os
 import re
 from typing import Callable, Optional
 
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
 from torch import Tensor, nn
+
+from .checks import ConfigError
 
 ADELAIDET_HEAD = "proposal_generator.fcos_head."
 CONVERT_HINT = "python -m fcos_d2.convert --from fcos IN OUT"
@@ -208,7 +213,7 @@ def load_adelaidet_keys(
     if not foreign:
         names = [strip_ddp_prefix(k[len(prefix) :]) for k in state_dict if k.startswith(prefix)]
         if any(name.startswith(_FCOS_MARKERS) for name in names):
-            raise ValueError(
+            raise ConfigError(
                 "this checkpoint has the original FCOS (maskrcnn-benchmark) layout "
                 "(backbone.body.*, rpn.head.*), which fcos_d2 does not load directly: convert it "
                 f"first with `{CONVERT_HINT}` and set MODEL.WEIGHTS to OUT"
@@ -240,3 +245,53 @@ def load_adelaidet_keys(
 def register_adelaidet_loading(module: nn.Module) -> None:
     """Make ``module.load_state_dict`` (and so Detectron2's checkpointer) accept AdelaiDet keys."""
     module._register_load_state_dict_pre_hook(load_adelaidet_keys, with_module=True)
+
+
+class FCOSCheckpointer(DetectionCheckpointer):
+    """Detectron2's ``DetectionCheckpointer`` whose files survive a crash and whose load errors
+    name the file.
+
+    fvcore writes ``model_XXXX.pth`` and then ``last_checkpoint`` in place: a process killed while
+    writing leaves a truncated file that ``--resume`` then fails on. Here both are written to a
+    temporary file and renamed, so the file ``last_checkpoint`` names is always complete.
+    """
+
+    def save(self, name: str, **kwargs) -> None:
+        if not self.save_dir or not self.save_to_disk:
+            return
+        # fvcore's Checkpointer.save, with the write made atomic.
+        data = {"model": self.model.state_dict()}
+        data.update({key: obj.state_dict() for key, obj in self.checkpointables.items()})
+        data.update(kwargs)
+        basename = f"{name}.pth"
+        save_file = os.path.join(self.save_dir, basename)
+        self.logger.info("Saving checkpoint to %s", save_file)
+        _atomic_write(save_file, lambda f: torch.save(data, f))
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        tag = os.path.join(self.save_dir, "last_checkpoint")
+        _atomic_write(tag, lambda f: f.write(last_filename_basename.encode()))
+
+    def load(self, path: str, checkpointables=None):
+        local = path and "://" not in path
+        if local and not os.path.isfile(path):
+            raise ConfigError(f"MODEL.WEIGHTS: checkpoint file {path} does not exist")
+        try:
+            return super().load(path, checkpointables)
+        except (RuntimeError, EOFError, OSError, ValueError, KeyError) as error:
+            if isinstance(error, ConfigError) or not local:
+                raise
+            raise ConfigError(
+                f"MODEL.WEIGHTS: {path} is not a readable checkpoint (truncated or corrupt?): "
+                f"{type(error).__name__}: {error}"
+            ) from None
+
+
+def _atomic_write(path: str, write: Callable) -> None:
+    temporary = f"{path}.tmp{os.getpid()}"
+    with open(temporary, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)

@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from typing import Any, Optional
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
 from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultTrainer, default_setup, hooks
@@ -20,6 +19,7 @@ from detectron2.evaluation import COCOEvaluator, verify_results
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.utils import comm
 
+from .checkpoint import FCOSCheckpointer
 from .checks import ConfigError, check_choice
 from .config import add_fcos_config
 from .d2_compat import cpu_friendly_ddp, last_eval_results, use_cpu_autocast
@@ -93,6 +93,14 @@ class Trainer(DefaultTrainer):
             self.cfg.SOLVER.AMP.ENABLED = True
             self.cfg.freeze()
             use_cpu_autocast(self)
+
+    def build_hooks(self) -> list:
+        # DefaultTrainer made a DetectionCheckpointer just before: use ours (atomic saves, named
+        # load errors) in the hooks and for resume_or_load.
+        self.checkpointer = FCOSCheckpointer(
+            self.checkpointer.model, self.cfg.OUTPUT_DIR, **self.checkpointer.checkpointables
+        )
+        return super().build_hooks()
 
     @classmethod
     def build_optimizer(cls, cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -185,7 +193,7 @@ def main(args) -> dict[str, Any]:
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        FCOSCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         results = Trainer.test(cfg, model)

@@ -11,7 +11,6 @@ import logging
 from typing import Any
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import (
     AMPTrainer,
@@ -26,6 +25,7 @@ from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 from omegaconf import DictConfig, OmegaConf
 
+from .checkpoint import FCOSCheckpointer
 from .d2_compat import CPUAutocastTrainer
 from .engine import available_device, check_dataset_classes, share_cpu_threads
 from .modeling import FCOS
@@ -97,7 +97,7 @@ def do_train(args, cfg: DictConfig) -> dict[str, Any]:
     train_loader = instantiate(cfg.dataloader.train)
     model = wrap_ddp(cfg, model, **cfg.train.ddp)
     trainer = build_trainer(cfg, model, train_loader, optimizer)
-    checkpointer = DetectionCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+    checkpointer = FCOSCheckpointer(model, cfg.train.output_dir, trainer=trainer)
     last_results: dict[str, Any] = {}
 
     def test_and_keep_results() -> dict[str, Any]:
@@ -135,6 +135,6 @@ def main(args) -> dict[str, Any]:
     cfg = setup(args)
     if args.eval_only:
         model = wrap_ddp(cfg, build_model(cfg))
-        DetectionCheckpointer(model).load(cfg.train.init_checkpoint)
+        FCOSCheckpointer(model).load(cfg.train.init_checkpoint)
         return do_test(cfg, model)
     return do_train(args, cfg)

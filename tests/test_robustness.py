@@ -233,3 +233,49 @@ def test_demo_reads_odd_files_and_names_bad_inputs(tmp_path):
         demo + ["--input", str(tmp_path / "empty")] + opts, capture_output=True, text=True
     )
     assert done.returncode != 0 and "empty holds no images" in done.stderr
+
+
+def _run(*cmd, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *cmd], capture_output=True, text=True, timeout=600, **kw)
+
+
+@pytest.mark.slow
+def test_bad_config_and_weights_give_one_line_errors(tmp_path):
+    train = [str(REPO / "train_net.py"), "--config-file", QUICKSTART]
+    cases = [
+        (["MODEL.FCOS.NUM_CLASSSES", "3"], "Non-existent key: MODEL.FCOS.NUM_CLASSSES"),
+        (["MODEL.FCOS.NUM_CLASSES", "many"], "Type mismatch"),
+        (["MODEL.FCOS.NORM", "LN"], "MODEL.FCOS.NORM must be one of"),
+        (["--eval-only", "MODEL.WEIGHTS", str(tmp_path / "none.pth")], "none.pth does not exist"),
+    ]
+    (tmp_path / "cut.pth").write_bytes(b"PK\x03\x04 truncated")
+    cases.append(
+        (
+            ["--eval-only", "MODEL.WEIGHTS", str(tmp_path / "cut.pth")],
+            "cut.pth is not a readable checkpoint",
+        )
+    )
+    for args, message in cases:
+        flags = [a for a in args if a.startswith("--")]
+        opts = [a for a in args if not a.startswith("--")]
+        done = _run(*train, *flags, "MODEL.DEVICE", "cpu", "OUTPUT_DIR", str(tmp_path / "o"), *opts)
+        assert done.returncode == 2, (args, done.stderr[-1500:])
+        assert "train_net.py: error:" in done.stderr and message in done.stderr, (
+            args,
+            done.stderr[-1500:],
+        )
+        assert "Traceback" not in done.stderr, args
+    (tmp_path / "imgs").mkdir()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "imgs" / "a.png")
+    done = _run(
+        str(REPO / "demo.py"),
+        "--config-file",
+        QUICKSTART,
+        "--input",
+        str(tmp_path / "imgs"),
+        "--output",
+        str(tmp_path / "vis"),
+        "MODEL.WEIGHTS",
+        str(tmp_path / "cut.pth"),
+    )
+    assert done.returncode == 2 and "cut.pth is not a readable checkpoint" in done.stderr

@@ -28,12 +28,12 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 from detectron2.data.datasets.coco import convert_to_coco_dict  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from pycocotools.coco import COCO  # noqa: E402
 
+from ..checkpoint import FCOSCheckpointer  # noqa: E402
 from ..checks import exit_on_config_error  # noqa: E402
 from ..data.builtin import register_datasets_from_config  # noqa: E402
 from ..engine import Trainer, build_cfg  # noqa: E402
@@ -121,7 +121,7 @@ def load_model(cfg):
     if not cfg.MODEL.WEIGHTS:
         raise SystemExit("this command needs trained weights: add MODEL.WEIGHTS path/to/model.pth")
     model = build_model(cfg).eval()
-    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    FCOSCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     return model
 
 
