@@ -12,8 +12,6 @@ from fcos_d2.export import ExportableFCOS, export_model, load_exported
 from fcos_d2.export.__main__ import main, parse_args
 from fcos_d2.export.verify import Comparison, compare, images_at_verify_sizes, verify_sizes
 
-pytest.importorskip("onnxruntime", reason="the export extra: pip install -e .[export]")
-
 # 128 x 160: not square, and the verify sizes 97 x 120 and 166 x 208 are not multiples of 32.
 HEIGHT, WIDTH = 128, 160
 GT_BOXES = [[10, 15, 50, 60], [60, 30, 140, 110], [100, 70, 150, 120]]
@@ -141,6 +139,16 @@ def test_only_fcos_models_are_exportable(cfg):
     shrink(cfg, config_path("configs/FCOS-RPN/faster_rcnn_R_50_FPN_1x.yaml"))
     with pytest.raises(ValueError, match="MODEL.META_ARCHITECTURE must be the FCOS detector"):
         ExportableFCOS(build_model(cfg))
+
+
+def test_deformable_heads_are_refused_for_onnx(tmp_path):
+    from detectron2.modeling import build_model
+
+    cfg = variant_cfg("GN")
+    cfg.MODEL.FCOS.USE_DEFORMABLE = True
+    with pytest.raises(ValueError, match="--format must be torchscript for deformable conv"):
+        export_model(build_model(cfg), "onnx", tmp_path, torch.zeros(3, 64, 64))
+    assert not any(tmp_path.iterdir())
 
 
 def test_verify_images_are_read_and_resized_like_detectron2(image_file):

@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from detectron2.layers import DeformConv, ModulatedDeformConv
 from detectron2.modeling.meta_arch import ProposalNetwork
 from torch import Tensor, nn
+from torchvision.ops import DeformConv2d
 
 from ..checks import check_choice, fail
 from ..modeling.fcos import FCOS
@@ -35,6 +37,7 @@ INPUT_NAMES = ["image"]
 OUTPUT_NAMES = ["boxes", "scores", "classes"]
 
 Detections = tuple[Tensor, Tensor, Tensor]
+_DEFORMABLE_CONVS = (DeformConv2d, DeformConv, ModulatedDeformConv)
 
 
 def detections_of(output: dict) -> Detections:
@@ -129,6 +132,15 @@ def export_model(model: nn.Module, fmt: str, output_dir: Path, example: Tensor) 
     """
     check_choice(fmt, FORMATS, "--format", "fcos_d2.export")
     wrapper = ExportableFCOS(model)
+    deformable = [n for n, m in model.named_modules() if isinstance(m, _DEFORMABLE_CONVS)]
+    if fmt == "onnx" and deformable:
+        fail(
+            "--format",
+            "torchscript for deformable convolutions (they have no ONNX export: "
+            "MODEL.FCOS.USE_DEFORMABLE, MODEL.RESNETS.DEFORM_ON_PER_STAGE)",
+            fmt,
+            f"modules {deformable[:3]}",
+        )
     output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / FORMATS[fmt]
     with torch.no_grad(), _quiet_benign_tracer_warnings():
