@@ -6,7 +6,7 @@ import sys
 import cv2
 import pytest
 import torch
-from helpers import REPO, config_path, shrink, synthetic_image
+from helpers import REPO, config_path, overfit, shrink, synthetic_image
 
 from fcos_d2.export import ExportableFCOS, export_model, load_exported
 from fcos_d2.export.__main__ import main, parse_args
@@ -42,20 +42,6 @@ def variant_cfg(variant: str):
     return cfg
 
 
-def train(model, batch, iterations: int) -> None:
-    """A few AdamW steps on one batch, so that scores spread out and pass the threshold."""
-    from detectron2.utils.events import EventStorage
-
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
-    with EventStorage():
-        for _ in range(iterations):
-            loss = sum(model(batch).values())
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    model.eval()
-
-
 @pytest.fixture(scope="module")
 def image_file(tmp_path_factory):
     """The training image as a PNG, channels in INPUT.FORMAT (BGR) order, and its input dict."""
@@ -78,7 +64,7 @@ def trained(tmp_path_factory, image_file):
             cfg = variant_cfg(variant)
             torch.manual_seed(0)
             model = build_model(cfg)
-            train(model, [image_file[1]], TRAIN_ITERATIONS)
+            overfit(model, [image_file[1]], TRAIN_ITERATIONS)  # real, spread-out scores
             folder = tmp_path_factory.mktemp(variant)
             config_file = folder / "config.yaml"
             config_file.write_text(cfg.dump())

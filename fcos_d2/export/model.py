@@ -5,8 +5,8 @@ which traces the same way) rather than torch 2.x's default ``torch.export`` rout
 data-dependent sizes (score threshold, top-k, NMS) and Detectron2's ``Boxes`` branches on them in
 Python (``if tensor.numel() == 0``, finiteness asserts), which ``torch.export`` rejects with
 "Could not guard on data-dependent expression". The tracer records the tensor ops instead: shapes
-read from tensors stay dynamic (``ImageList.from_tensors``, :func:`~fcos_d2.modeling.postprocess.
-clamped_count`), and torchvision scripts its ``batched_nms`` under tracing, so its empty-input
+read from tensors stay dynamic (``ImageList.from_tensors``, ``clamped_count`` in the FCOS
+post-processor), and torchvision scripts its ``batched_nms`` under tracing, so its empty-input
 branch stays in the graph as a real ``If``. The Python-side checks the tracer warns about (listed
 in :func:`_quiet_benign_tracer_warnings`) are asserts or no-ops that bake nothing into the graph;
 ``--verify`` checks the result at sizes other than the traced one.
@@ -60,7 +60,7 @@ def detections_of(output: dict) -> Detections:
 
 
 class ExportableFCOS(nn.Module):
-    """``forward(image) -> (boxes, scores, classes)`` around a Detectron2 FCOS model.
+    """``forward(image) -> (boxes, scores, classes)``: the model's own ``forward``, tensors out.
 
     ``image``: one (3, H, W) float32 tensor in ``INPUT.FORMAT``, already resized to the test size.
     Everything else runs inside: the model's own preprocessing (pixel mean/std, padding to the
