@@ -20,9 +20,12 @@ import sys
 import time
 from pathlib import Path
 
-from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
 
+from ..checkpoint import FCOSCheckpointer
+from ..checks import ConfigError, exit_on_config_error
+from ..data.builtin import register_datasets_from_config
 from ..engine import build_cfg
 from .model import FORMATS, ExportableFCOS, example_image, export_model, load_exported
 from .verify import verify
@@ -42,6 +45,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--output", required=True, metavar="DIR", help="folder for the file")
     parser.add_argument("--verify", nargs="+", default=[], metavar="IMG", help="images to check")
     parser.add_argument(
+        "--verify-dataset",
+        metavar="NAME",
+        help="check on the first --max-images images of a registered dataset (DATASETS.* keys)",
+    )
+    parser.add_argument("--max-images", type=int, default=3, help="with --verify-dataset")
+    parser.add_argument(
         "--verify-only", action="store_true", help="do not export: check the existing file"
     )
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
@@ -55,8 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     missing = [p for p in args.verify if not Path(p).is_file()]
     if missing:
         parser.error(f"--verify: no such image file(s): {missing}")
-    if args.verify_only and not args.verify:
-        parser.error("--verify-only needs images: --verify IMG ...")
+    if args.verify_only and not (args.verify or args.verify_dataset):
+        parser.error("--verify-only needs images: --verify IMG ... or --verify-dataset NAME")
     return args
 
 
@@ -65,9 +74,17 @@ def main(argv=None) -> int:
     cfg = build_cfg(args.config_file, args.opts)
     cfg.MODEL.DEVICE = "cpu"  # the exported graph is device-neutral; trace in float32 on the CPU
     cfg.freeze()
+    if args.verify_dataset:
+        register_datasets_from_config(cfg)
+        if args.verify_dataset not in DatasetCatalog.list():
+            raise ConfigError(
+                f"--verify-dataset {args.verify_dataset!r} is not a registered dataset"
+            )
+        records = DatasetCatalog.get(args.verify_dataset)[: args.max_images]
+        args.verify += [r["file_name"] for r in records]
     model = build_model(cfg)
     if cfg.MODEL.WEIGHTS:
-        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+        FCOSCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     else:
         logger.warning("MODEL.WEIGHTS is empty: exporting a randomly initialised model")
     model.eval()
@@ -92,4 +109,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_on_config_error("python -m fcos_d2.export", main))
