@@ -111,6 +111,17 @@ def check_authors_keys(cfg: CN) -> None:
 def _add_solver_keys(cfg: CN) -> None:
     # "SGD" (Detectron2's) or "ADAMW" (same parameter groups, torch.optim.AdamW).
     cfg.SOLVER.OPTIMIZER = "SGD"
+    # ours: what SOLVER.AMP.ENABLED (and TEST.AMP.ENABLED) means on a CPU (fcos_d2/precision.py):
+    # "auto" bfloat16 autocast only where the CPU computes bfloat16 natively (AVX512-BF16 / AMX),
+    # float32 elsewhere; "always" bfloat16 also where it is emulated (slower); "never" float32.
+    # On CUDA, SOLVER.AMP.ENABLED is Detectron2's float16 AMP.
+    cfg.SOLVER.AMP.CPU_BF16 = "auto"
+    # ours: mixed-precision inference (DefaultPredictor, demo.py, evaluation): float16 on CUDA,
+    # bfloat16 on CPUs by SOLVER.AMP.CPU_BF16. Off by default: it changes AP slightly (README).
+    cfg.TEST.AMP = CN({"ENABLED": False})
+    # ours: channels-last (NHWC) memory format for the FCOS detector's weights and inputs, which
+    # oneDNN convolutions on CPUs run faster (README, "Speed").
+    cfg.MODEL.CHANNELS_LAST = False
 
 
 def _add_dataset_keys(cfg: CN) -> None:

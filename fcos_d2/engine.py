@@ -25,6 +25,7 @@ from .config import add_fcos_config
 from .d2_compat import cpu_friendly_ddp, last_eval_results, use_cpu_autocast
 from .data.builtin import register_datasets_from_config
 from .data.user_datasets import check_training_data
+from .precision import autocast_dtype
 from .tta import build_tta_model
 
 logger = logging.getLogger("fcos_d2")
@@ -80,9 +81,8 @@ class Trainer(DefaultTrainer):
         if cpu_amp:
             base_cfg = cfg.clone()
             base_cfg.defrost()
-            base_cfg.SOLVER.AMP.ENABLED = (
-                False  # else DefaultTrainer builds the CUDA-only AMPTrainer
-            )
+            # Else DefaultTrainer builds the CUDA-only AMPTrainer.
+            base_cfg.SOLVER.AMP.ENABLED = False
         check_training_data(cfg)
         with cpu_friendly_ddp():
             super().__init__(base_cfg)
@@ -92,7 +92,8 @@ class Trainer(DefaultTrainer):
             self.cfg.defrost()
             self.cfg.SOLVER.AMP.ENABLED = True
             self.cfg.freeze()
-            use_cpu_autocast(self)
+            if autocast_dtype("cpu", cfg.SOLVER.AMP.CPU_BF16, "SOLVER.AMP.ENABLED") is not None:
+                use_cpu_autocast(self)
 
     def build_hooks(self) -> list:
         # DefaultTrainer made a DetectionCheckpointer just before: use ours (atomic saves, named

@@ -29,6 +29,7 @@ from .checkpoint import FCOSCheckpointer
 from .d2_compat import CPUAutocastTrainer
 from .engine import available_device, check_dataset_classes, share_cpu_threads
 from .modeling import FCOS
+from .precision import autocast_dtype
 
 logger = logging.getLogger("fcos_d2")
 
@@ -59,10 +60,14 @@ def wrap_ddp(cfg: DictConfig, model: torch.nn.Module, **kwargs) -> torch.nn.Modu
 
 def build_trainer(cfg: DictConfig, model, data_loader, optimizer) -> TrainerBase:
     """``SimpleTrainer``, or with ``train.amp.enabled`` Detectron2's ``AMPTrainer`` (CUDA,
-    float16) or bfloat16 autocast (CPU)."""
+    float16) or bfloat16 autocast on CPUs that compute it natively (``train.amp.cpu_bf16``:
+    "auto", "always" or "never", as ``SOLVER.AMP.CPU_BF16``)."""
     if not cfg.train.amp.enabled:
         return SimpleTrainer(model, data_loader, optimizer)
     if cfg.train.device == "cpu":
+        cpu_bf16 = OmegaConf.select(cfg, "train.amp.cpu_bf16", default="auto")
+        if autocast_dtype("cpu", cpu_bf16, "train.amp.enabled") is None:
+            return SimpleTrainer(model, data_loader, optimizer)
         return CPUAutocastTrainer(model, data_loader, optimizer)
     return AMPTrainer(model, data_loader, optimizer)
 
