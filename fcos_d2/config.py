@@ -181,6 +181,11 @@ def _add_model_keys(cfg: CN) -> None:
     fcos.SIZES_OF_INTEREST = [64, 128, 256, 512]
     # ours: regression activation, relu(s_i * x) (improved) or exp(s_i * x) (paper, Sec. 3.2).
     fcos.BOX_ACTIVATION = "relu"
+    # ours: with "exp", the (l, t, r, b) every location predicts at initialisation, in target units.
+    # 0 means one stride: 1 for stride-normalized targets (the authors' zero bias) and the first
+    # level's stride for pixel targets, where the authors' 1-pixel start stalls SGD (README, "The
+    # ICCV 2019 settings"); 1.0 with pixel targets gives the original release's initialisation.
+    fcos.INITIAL_BOX_DISTANCE = 0.0
     fcos.USE_DEFORMABLE = False
     # Tower depth of each branch (Fig. 2: four 3x3 convs).
     fcos.NUM_CLS_CONVS = 4

@@ -94,7 +94,7 @@ def tiny_opts(tmp_path: Path, max_iter: int, **extra) -> list:
         "SOLVER.IMS_PER_BATCH": 4,
         "SOLVER.MAX_ITER": max_iter,
         "SOLVER.WARMUP_ITERS": 1,
-        "SOLVER.STEPS": (max(1, max_iter - 2),),
+        "SOLVER.STEPS": (max_iter - 2,) if max_iter > 2 else (),
         "DATALOADER.NUM_WORKERS": 0,
         "MODEL.DEVICE": "cpu",
         **extra,
