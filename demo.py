@@ -5,36 +5,24 @@
     python demo.py --config-file CFG --dataset shapes_val --max-images 8 --output out/ \
         MODEL.WEIGHTS w.pth
 
-Uses Detectron2's ``DefaultPredictor`` and ``Visualizer``.
+Uses Detectron2's ``DefaultPredictor`` (through :class:`fcos_d2.predictor.FCOSPredictor`, which also
+reads grayscale, RGBA, 16-bit and EXIF-rotated files) and ``Visualizer``.
 """
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
 import cv2
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.engine import DefaultPredictor
 from detectron2.utils.visualizer import Visualizer
 
-from fcos_d2.data.builtin import register_shapes_from_config
+from fcos_d2.checks import exit_on_config_error
+from fcos_d2.data.builtin import register_datasets_from_config
+from fcos_d2.data.images import ImageReadError, collect_image_files, read_image_bgr
 from fcos_d2.engine import build_cfg
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
-
-
-def collect_inputs(paths: list[str]) -> list[Path]:
-    """Files as given, folders expanded to their images (sorted); missing paths are an error."""
-    files: list[Path] = []
-    for raw in paths:
-        path = Path(raw)
-        if path.is_dir():
-            files += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise SystemExit(f"demo.py: input {raw!r} does not exist")
-    return files
+from fcos_d2.predictor import FCOSPredictor
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -51,9 +39,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--confidence-threshold", type=float, default=0.5)
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
     args = parser.parse_args(argv)
+    args.input, args.opts = _split_config_overrides(args.input, args.opts)
     if bool(args.input) == bool(args.dataset):
         parser.error("give exactly one of --input and --dataset")
     return args
+
+
+_CONFIG_KEY = re.compile(r"^[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)+$")
+
+
+def _split_config_overrides(inputs: list[str], opts: list[str]) -> tuple[list[str], list[str]]:
+    """``--input a.jpg MODEL.WEIGHTS w.pth`` means two overrides, not three images: argparse's
+    ``nargs="+"`` would swallow them, so the inputs end at the first config key that is not a file.
+    """
+    for index, token in enumerate(inputs):
+        if _CONFIG_KEY.match(token) and not Path(token).exists():
+            return inputs[:index], inputs[index:] + opts
+    return inputs, opts
 
 
 def main(argv=None) -> int:
@@ -63,26 +65,32 @@ def main(argv=None) -> int:
         cfg.MODEL.FCOS.INFERENCE_TH_TEST, args.confidence_threshold
     )
     cfg.freeze()
-    register_shapes_from_config(cfg)
+    register_datasets_from_config(cfg)
     if args.dataset:
+        if args.dataset not in DatasetCatalog.list():
+            raise SystemExit(
+                f"demo.py: dataset {args.dataset!r} is not registered: name one of "
+                "DATASETS.TRAIN/TEST, the shapes splits, or a DATASETS.COCO_JSON / VOC_DIR entry"
+            )
         inputs = [Path(d["file_name"]) for d in DatasetCatalog.get(args.dataset)]
         metadata = MetadataCatalog.get(args.dataset)
     else:
-        inputs = collect_inputs(args.input)
+        try:
+            inputs = collect_image_files(args.input)
+        except ImageReadError as error:
+            raise SystemExit(f"demo.py: {error}") from None
         metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
     if args.max_images > 0:
         inputs = inputs[: args.max_images]
-    predictor = DefaultPredictor(cfg)
+    predictor = FCOSPredictor(cfg)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     failures = 0
     for path in inputs:
-        image = cv2.imread(str(path), cv2.IMREAD_COLOR)  # BGR, as DefaultPredictor expects
-        if image is None:
-            print(
-                f"demo.py: cannot read image {path} (missing, not an image, or corrupt); skipped",
-                file=sys.stderr,
-            )
+        try:
+            image = read_image_bgr(path)  # upright (EXIF), 3-channel 8-bit, BGR
+        except ImageReadError as error:
+            print(f"demo.py: cannot read image {error}; skipped", file=sys.stderr)
             failures += 1
             continue
         instances = predictor(image)["instances"].to("cpu")
@@ -96,4 +104,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_on_config_error("demo.py", main))

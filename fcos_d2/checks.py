@@ -4,14 +4,20 @@ Messages start with the yacs key (``MODEL.FCOS.NORM must be one of ...``), becau
 values in YAML files, and end with the constructor argument it arrived as, for LazyConfig users.
 """
 
-from collections.abc import Collection
+import sys
+from collections.abc import Callable, Collection
 from typing import Any
 
 
+class ConfigError(ValueError):
+    """A value from the user's config or command line that fcos_d2 cannot use; entry points print
+    its message without a traceback."""
+
+
 def fail(key: str, requirement: str, value: Any, where: str = "", verb: str = "must be") -> None:
-    """Raise the one ValueError format: ``KEY must be REQUIREMENT, got VALUE (WHERE)``."""
+    """Raise the one ConfigError format: ``KEY must be REQUIREMENT, got VALUE (WHERE)``."""
     suffix = f" ({where})" if where else ""
-    raise ValueError(f"{key} {verb} {requirement}, got {value!r}{suffix}")
+    raise ConfigError(f"{key} {verb} {requirement}, got {value!r}{suffix}")
 
 
 def check_choice(value: Any, choices: Collection[Any], key: str, where: str = "") -> None:
@@ -26,3 +32,13 @@ def check_that(
     """``condition`` must hold; otherwise report ``value`` against ``requirement``."""
     if not condition:
         fail(key, requirement, value, where, verb)
+
+
+def exit_on_config_error(program: str, main: Callable[[], int]) -> int:
+    """Run a command-line ``main``; a :class:`ConfigError` prints ``program: error: message`` and
+    gives exit status 2 (as argparse does for bad arguments) instead of a traceback."""
+    try:
+        return main()
+    except ConfigError as error:
+        print(f"{program}: error: {error}", file=sys.stderr)
+        return 2

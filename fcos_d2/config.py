@@ -8,6 +8,8 @@ defaults are the authors' improved settings (Table 3, "Improvements" rows);
 
 from detectron2.config import CfgNode as CN
 
+from .checks import check_that
+
 
 def add_fcos_config(cfg: CN) -> CN:
     """Add all fcos_d2 keys to ``cfg`` (in place) and return it. Safe to call more than once.
@@ -20,12 +22,106 @@ def add_fcos_config(cfg: CN) -> CN:
         _add_solver_keys(cfg)
     if "SHAPES" not in cfg.DATASETS:
         _add_dataset_keys(cfg)
+    if "COCO_JSON" not in cfg.DATASETS:
+        _add_user_dataset_keys(cfg)
+    if "MOBILENET" not in cfg.MODEL:
+        _add_authors_keys(cfg)
+    if "BOX_VOTING" not in cfg.TEST.AUG:
+        _add_test_keys(cfg)
     return cfg
+
+
+def _add_test_keys(cfg: CN) -> None:
+    # ours: test-time augmentation (TEST.AUG.ENABLED, fcos_d2/tta.py) merges the detections of all
+    # augmented inputs with per-class NMS; with box voting each kept box becomes the score-weighted
+    # mean of the same-class boxes overlapping it at IoU >= MODEL.FCOS.NMS_TH.
+    cfg.TEST.AUG.BOX_VOTING = False
+
+
+def _add_authors_keys(cfg: CN) -> None:
+    # Accepted for the authors' YAML files (AdelaiDet adet/config/defaults.py); no effect. Their
+    # FCOS files set none of them, but configs dumped by AdelaiDet (output/.../config.yaml) set
+    # all. Values that would change AdelaiDet's behaviour are refused by check_authors_keys.
+    cfg.MODEL.FCOS.USE_RELU = True  # unused by AdelaiDet too: its regression is always relu
+    cfg.MODEL.FCOS.YIELD_PROPOSAL = False
+    cfg.MODEL.FCOS.YIELD_BOX_FEATURES = False
+    cfg.MODEL.MOBILENET = False
+    cfg.MODEL.BACKBONE.ANTI_ALIAS = False
+    cfg.MODEL.RESNETS.DEFORM_INTERVAL = 1
+    cfg.INPUT.IS_ROTATE = False
+    # None = not set. AdelaiDet flips by INPUT.HFLIP_TRAIN (default True) and crops around
+    # instances (INPUT.CROP.CROP_INSTANCE); fcos_d2 uses Detectron2's INPUT.RANDOM_FLIP and crop.
+    cfg.INPUT.HFLIP_TRAIN = None
+    cfg.INPUT.CROP.CROP_INSTANCE = None
+
+
+# AdelaiDet-only key -> (is its value inert here?, the requirement reported when it is not).
+_AUTHORS_KEYS = {
+    "MODEL.FCOS.YIELD_PROPOSAL": (
+        lambda v, cfg: not v,
+        "False (AdelaiDet's instance-segmentation heads consume it; fcos_d2 has none)",
+    ),
+    "MODEL.FCOS.YIELD_BOX_FEATURES": (
+        lambda v, cfg: not v,
+        "False (AdelaiDet's instance-segmentation heads consume it; fcos_d2 has none)",
+    ),
+    "MODEL.MOBILENET": (
+        lambda v, cfg: not v,
+        "False (AdelaiDet's MobileNetV2 backbone is not part of fcos_d2)",
+    ),
+    "MODEL.BACKBONE.ANTI_ALIAS": (
+        lambda v, cfg: not v,
+        "False (AdelaiDet's anti-aliased ResNet is not part of fcos_d2)",
+    ),
+    "MODEL.RESNETS.DEFORM_INTERVAL": (
+        lambda v, cfg: v in (None, 1),
+        "1 (for deformable convolutions use Detectron2's MODEL.RESNETS.DEFORM_ON_PER_STAGE)",
+    ),
+    "INPUT.IS_ROTATE": (
+        lambda v, cfg: not v,
+        "False (AdelaiDet's random rotation is not part of fcos_d2)",
+    ),
+    "INPUT.HFLIP_TRAIN": (
+        lambda v, cfg: v is None or cfg.INPUT.RANDOM_FLIP == ("horizontal" if v else "none"),
+        "None, or agree with INPUT.RANDOM_FLIP (Detectron2's key, which fcos_d2 uses): True "
+        "with 'horizontal', False with 'none'",
+    ),
+    "INPUT.CROP.CROP_INSTANCE": (
+        lambda v, cfg: v is None or not cfg.INPUT.CROP.ENABLED,
+        "None when INPUT.CROP.ENABLED (AdelaiDet crops around instances, fcos_d2 as Detectron2)",
+    ),
+}
+
+
+def check_authors_keys(cfg: CN) -> None:
+    """Refuse AdelaiDet-only keys whose value would make AdelaiDet do something fcos_d2 does not."""
+    for key, (is_inert, requirement) in _AUTHORS_KEYS.items():
+        node = cfg
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        check_that(
+            is_inert(node, cfg),
+            key,
+            requirement,
+            node,
+            "an AdelaiDet key, accepted only where it has no effect",
+        )
 
 
 def _add_solver_keys(cfg: CN) -> None:
     # "SGD" (Detectron2's) or "ADAMW" (same parameter groups, torch.optim.AdamW).
     cfg.SOLVER.OPTIMIZER = "SGD"
+    # ours: what SOLVER.AMP.ENABLED (and TEST.AMP.ENABLED) means on a CPU (fcos_d2/precision.py):
+    # "auto" bfloat16 autocast only where the CPU computes bfloat16 natively (AVX512-BF16 / AMX),
+    # float32 elsewhere; "always" bfloat16 also where it is emulated (slower); "never" float32.
+    # On CUDA, SOLVER.AMP.ENABLED is Detectron2's float16 AMP.
+    cfg.SOLVER.AMP.CPU_BF16 = "auto"
+    # ours: mixed-precision inference (DefaultPredictor, demo.py, evaluation): float16 on CUDA,
+    # bfloat16 on CPUs by SOLVER.AMP.CPU_BF16. Off by default: it changes AP slightly (README).
+    cfg.TEST.AMP = CN({"ENABLED": False})
+    # ours: channels-last (NHWC) memory format for the FCOS detector's weights and inputs, which
+    # oneDNN convolutions on CPUs run faster (README, "Speed").
+    cfg.MODEL.CHANNELS_LAST = False
 
 
 def _add_dataset_keys(cfg: CN) -> None:
@@ -38,6 +134,17 @@ def _add_dataset_keys(cfg: CN) -> None:
     shapes.IMAGE_SIZE = [256, 256]  # height, width
     shapes.MAX_OBJECTS = 6
     shapes.SEED = 0
+
+
+def _add_user_dataset_keys(cfg: CN) -> None:
+    # Your own data, registered by path before anything is built (fcos_d2/data/user_datasets.py);
+    # relative paths are relative to the working directory.
+    # ((name, json file, image folder), ...): COCO json, through register_coco_instances.
+    cfg.DATASETS.COCO_JSON = ()
+    # ((name, VOC directory, split), ...): Pascal VOC layout, through register_pascal_voc.
+    cfg.DATASETS.VOC_DIR = ()
+    # Class names of the VOC_DIR datasets; empty: the sorted names found in their annotations.
+    cfg.DATASETS.VOC_CLASSES = ()
 
 
 def _add_model_keys(cfg: CN) -> None:
@@ -74,6 +181,11 @@ def _add_model_keys(cfg: CN) -> None:
     fcos.SIZES_OF_INTEREST = [64, 128, 256, 512]
     # ours: regression activation, relu(s_i * x) (improved) or exp(s_i * x) (paper, Sec. 3.2).
     fcos.BOX_ACTIVATION = "relu"
+    # ours: with "exp", the (l, t, r, b) every location predicts at initialisation, in target units.
+    # 0 means one stride: 1 for stride-normalized targets (the authors' zero bias) and the first
+    # level's stride for pixel targets, where the authors' 1-pixel start stalls SGD (README, "The
+    # ICCV 2019 settings"); 1.0 with pixel targets gives the original release's initialisation.
+    fcos.INITIAL_BOX_DISTANCE = 0.0
     fcos.USE_DEFORMABLE = False
     # Tower depth of each branch (Fig. 2: four 3x3 convs).
     fcos.NUM_CLS_CONVS = 4

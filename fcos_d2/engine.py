@@ -8,21 +8,25 @@ Detectron2 internals live in :mod:`fcos_d2.d2_compat`.
 import logging
 import os
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Any, Optional
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
 from detectron2.data import MetadataCatalog
-from detectron2.engine import DefaultTrainer, default_setup
+from detectron2.engine import DefaultTrainer, default_setup, hooks
 from detectron2.evaluation import COCOEvaluator, verify_results
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.utils import comm
 
-from .checks import check_choice
+from .checkpoint import FCOSCheckpointer
+from .checks import ConfigError, check_choice
 from .config import add_fcos_config
 from .d2_compat import cpu_friendly_ddp, last_eval_results, use_cpu_autocast
-from .data.builtin import register_shapes_from_config
+from .data.builtin import register_datasets_from_config
+from .data.user_datasets import check_training_data
+from .precision import autocast_dtype
+from .tta import build_tta_model
 
 logger = logging.getLogger("fcos_d2")
 
@@ -35,15 +39,36 @@ def check_num_classes(cfg: CfgNode) -> None:
     A mismatch would otherwise go unnoticed: class NUM_CLASSES becomes background, larger ones
     fail deep inside the loss.
     """
-    if cfg.MODEL.META_ARCHITECTURE != "FCOS":
-        return
-    for name in cfg.DATASETS.TRAIN:
+    if cfg.MODEL.META_ARCHITECTURE == "FCOS":
+        check_dataset_classes(
+            cfg.MODEL.FCOS.NUM_CLASSES, cfg.DATASETS.TRAIN, "MODEL.FCOS.NUM_CLASSES"
+        )
+
+
+def check_dataset_classes(num_classes: int, dataset_names: Sequence[str], key: str) -> None:
+    """``num_classes`` (set by ``key``) must be the class count of every dataset that knows it."""
+    for name in dataset_names:
         classes = MetadataCatalog.get(name).get("thing_classes")
-        if classes is not None and len(classes) != cfg.MODEL.FCOS.NUM_CLASSES:
-            raise ValueError(
-                f"MODEL.FCOS.NUM_CLASSES={cfg.MODEL.FCOS.NUM_CLASSES} but dataset {name!r} has "
-                f"{len(classes)} classes {list(classes)}"
+        if classes is not None and len(classes) != num_classes:
+            raise ConfigError(
+                f"{key}={num_classes} but dataset {name!r} has {len(classes)} classes "
+                f"{list(classes)}"
             )
+
+
+def available_device(device: str, key: str = "MODEL.DEVICE") -> str:
+    """``device`` (set by ``key``), or "cpu" where it names CUDA and CUDA is unavailable."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        logger.warning("%s=%s but CUDA is not available: using the CPU", key, device)
+        return "cpu"
+    return device
+
+
+def share_cpu_threads(device: str) -> None:
+    """On the CPU, split the machine's cores between this machine's worker processes."""
+    if device == "cpu" and comm.get_local_size() > 1:
+        # Processes share the machine's cores; oversubscription only slows every one of them.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // comm.get_local_size()))
 
 
 class Trainer(DefaultTrainer):
@@ -56,9 +81,9 @@ class Trainer(DefaultTrainer):
         if cpu_amp:
             base_cfg = cfg.clone()
             base_cfg.defrost()
-            base_cfg.SOLVER.AMP.ENABLED = (
-                False  # else DefaultTrainer builds the CUDA-only AMPTrainer
-            )
+            # Else DefaultTrainer builds the CUDA-only AMPTrainer.
+            base_cfg.SOLVER.AMP.ENABLED = False
+        check_training_data(cfg)
         with cpu_friendly_ddp():
             super().__init__(base_cfg)
         check_num_classes(cfg)
@@ -67,7 +92,16 @@ class Trainer(DefaultTrainer):
             self.cfg.defrost()
             self.cfg.SOLVER.AMP.ENABLED = True
             self.cfg.freeze()
-            use_cpu_autocast(self)
+            if autocast_dtype("cpu", cfg.SOLVER.AMP.CPU_BF16, "SOLVER.AMP.ENABLED") is not None:
+                use_cpu_autocast(self)
+
+    def build_hooks(self) -> list:
+        # DefaultTrainer made a DetectionCheckpointer just before: use ours (atomic saves, named
+        # load errors) in the hooks and for resume_or_load.
+        self.checkpointer = FCOSCheckpointer(
+            self.checkpointer.model, self.cfg.OUTPUT_DIR, **self.checkpointer.checkpointables
+        )
+        return super().build_hooks()
 
     @classmethod
     def build_optimizer(cls, cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -102,17 +136,47 @@ class Trainer(DefaultTrainer):
             return test_with_oracle_quality(cfg, model, lambda name: cls.build_evaluator(cfg, name))
         return super().test(cfg, model, evaluators)
 
+    @classmethod
+    def test_with_TTA(cls, cfg: CfgNode, model: torch.nn.Module) -> "OrderedDict[str, Any]":
+        """Evaluation with test-time augmentation (``TEST.AUG.*``, :mod:`fcos_d2.tta`), as in
+        Detectron2's tools/train_net.py: result keys get a ``_TTA`` suffix."""
+        logger.info("Running inference with test-time augmentation ...")
+        model = build_tta_model(cfg, model)
+        evaluators = [
+            cls.build_evaluator(cfg, name, os.path.join(cfg.OUTPUT_DIR, "inference_TTA", name))
+            for name in cfg.DATASETS.TEST
+        ]
+        results = cls.test(cfg, model, evaluators)
+        return OrderedDict((k + "_TTA", v) for k, v in results.items())
+
 
 def build_cfg(config_file: str = "", opts: list = ()) -> CfgNode:
-    """Detectron2 defaults + fcos_d2 keys, merged with a YAML file and ``KEY VALUE`` overrides."""
+    """Detectron2 defaults + fcos_d2 keys, merged with a YAML file and ``KEY VALUE`` overrides.
+
+    yacs' errors (unknown key, wrong type, odd number of overrides) become :class:`ConfigError`
+    naming the file or the command line.
+    """
     cfg = add_fcos_config(get_cfg())
     if config_file:
-        cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        logger.warning("MODEL.DEVICE=%s but CUDA is not available: using the CPU", cfg.MODEL.DEVICE)
-        cfg.MODEL.DEVICE = "cpu"
+        if not os.path.isfile(config_file):
+            raise ConfigError(f"config file {config_file} does not exist")
+        try:
+            cfg.merge_from_file(config_file)
+        except (KeyError, ValueError, AssertionError) as error:
+            raise ConfigError(
+                f"in {config_file} (or its _BASE_ files): {_yacs_message(error)}"
+            ) from None
+    try:
+        cfg.merge_from_list(list(opts))
+    except (KeyError, ValueError, AssertionError) as error:
+        raise ConfigError(f"in the command-line overrides: {_yacs_message(error)}") from None
+    cfg.MODEL.DEVICE = available_device(cfg.MODEL.DEVICE)
     return cfg
+
+
+def _yacs_message(error: Exception) -> str:
+    # KeyError's str() quotes its message; the others are plain.
+    return error.args[0] if isinstance(error, KeyError) and error.args else str(error)
 
 
 def setup(args) -> CfgNode:
@@ -120,10 +184,8 @@ def setup(args) -> CfgNode:
     cfg = build_cfg(args.config_file, args.opts)
     cfg.freeze()
     default_setup(cfg, args)
-    if cfg.MODEL.DEVICE == "cpu" and comm.get_local_size() > 1:
-        # Processes share the machine's cores; oversubscription only slows every one of them.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // comm.get_local_size()))
-    register_shapes_from_config(cfg)
+    share_cpu_threads(cfg.MODEL.DEVICE)
+    register_datasets_from_config(cfg)
     return cfg
 
 
@@ -132,15 +194,25 @@ def main(args) -> dict[str, Any]:
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        FCOSCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         results = Trainer.test(cfg, model)
+        if cfg.TEST.AUG.ENABLED:
+            results.update(Trainer.test_with_TTA(cfg, model))
         if comm.is_main_process():
             verify_results(cfg, results)
         return results
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
+    tta_results: dict[str, Any] = {}
+    if cfg.TEST.AUG.ENABLED:
+
+        def test_with_tta() -> dict[str, Any]:
+            tta_results.update(Trainer.test_with_TTA(cfg, trainer.model))
+            return tta_results
+
+        trainer.register_hooks([hooks.EvalHook(0, test_with_tta)])  # after training ends
     trainer.train()
     # DefaultTrainer's EvalHook always evaluates once at the end of training.
-    return last_eval_results(trainer)
+    return {**last_eval_results(trainer), **tta_results}

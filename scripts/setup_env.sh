@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Creates .venv and installs, in order: torch/torchvision, detectron2, fcos-d2 (editable, with tests).
+# Creates .venv and installs, in order: torch/torchvision, detectron2, fcos-d2 (editable, with the
+# test and export extras).
 #
 # Idempotent: a stamp in .venv records a hash of the inputs that decide what gets installed; when
 # it matches and the imports still work, the script returns in seconds.
@@ -52,7 +53,7 @@ constraint_args=()
 
 want="$(inputs_hash)"
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] \
-    && "$PY" -c "import torch, torchvision, detectron2, fvcore, fcos_d2" 2>/dev/null; then
+    && "$PY" -c "import torch, torchvision, detectron2, fvcore, fcos_d2, onnxruntime" 2>/dev/null; then
     echo "==> [setup] .venv is up to date (delete $STAMP to force a reinstall)"
     exit 0
 fi
@@ -91,14 +92,15 @@ fi
 "$PY" -c "import detectron2" || { echo "detectron2 installed but does not import" >&2; false; }
 echo "    detectron2 route: $d2_route"
 
-step "install fcos-d2 (editable) with its test extra"
-"${PIP[@]}" install -q "${constraint_args[@]}" -e "$ROOT[test]"
+step "install fcos-d2 (editable) with its test and export extras"
+"${PIP[@]}" install -q "${constraint_args[@]}" -e "$ROOT[test,export]"
 
 step "verify imports"
 "$PY" - <<'EOF'
-import torch, torchvision, detectron2, fcos_d2
+import torch, torchvision, detectron2, fcos_d2, onnxruntime
 print(f"    torch {torch.__version__}, torchvision {torchvision.__version__}, "
       f"detectron2 {detectron2.__version__}, fcos_d2 {fcos_d2.__version__}, "
+      f"onnxruntime {onnxruntime.__version__}, "
       f"cuda available: {torch.cuda.is_available()}")
 EOF
 echo "$want" > "$STAMP"

@@ -36,7 +36,8 @@ def shrink(cfg, config_file: str):
 
 
 def overfit(model, batch, iterations: int):
-    """Train ``model`` on one fixed batch with AdamW (lr 1e-3), then return its detections on it."""
+    """Train ``model`` on one fixed batch with AdamW (lr 1e-3), then return its detections on it
+    (``instances``; ``proposals`` for a ``ProposalNetwork``)."""
     from detectron2.utils.events import EventStorage
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
@@ -48,7 +49,8 @@ def overfit(model, batch, iterations: int):
             optimizer.step()
     model.eval()
     with torch.no_grad():
-        return model(batch)[0]["instances"]
+        output = model(batch)[0]
+    return output["instances"] if "instances" in output else output["proposals"]
 
 
 def synthetic_image(height=128, width=128, boxes=(), classes=(), seed=0):
@@ -92,7 +94,7 @@ def tiny_opts(tmp_path: Path, max_iter: int, **extra) -> list:
         "SOLVER.IMS_PER_BATCH": 4,
         "SOLVER.MAX_ITER": max_iter,
         "SOLVER.WARMUP_ITERS": 1,
-        "SOLVER.STEPS": (max(1, max_iter - 2),),
+        "SOLVER.STEPS": (max_iter - 2,) if max_iter > 2 else (),
         "DATALOADER.NUM_WORKERS": 0,
         "MODEL.DEVICE": "cpu",
         **extra,

@@ -173,7 +173,13 @@ def test_cpu_amp_trains_in_bfloat16_with_float32_weights(tmp_path):
     opts = tiny_opts(
         tmp_path,
         max_iter=3,
-        **{"SOLVER.AMP.ENABLED": True, "DATASETS.TEST": "()", "SOLVER.CHECKPOINT_PERIOD": 100},
+        # "always": bfloat16 also where the CPU only emulates it (test_precision.py covers "auto").
+        **{
+            "SOLVER.AMP.ENABLED": True,
+            "SOLVER.AMP.CPU_BF16": "always",
+            "DATASETS.TEST": "()",
+            "SOLVER.CHECKPOINT_PERIOD": 100,
+        },
     )
     cfg = setup(args_for(opts))
     trainer = Trainer(cfg)

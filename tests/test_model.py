@@ -1,6 +1,7 @@
 """The FCOS meta-architecture: configs, state-dict layout, head variants, training, overfitting."""
 
 import glob
+import math
 
 import pytest
 import torch
@@ -277,3 +278,53 @@ def test_checkpointed_towers_give_identical_losses_and_gradients():
 def test_checkpointed_towers_refuse_batchnorm():
     with pytest.raises(ValueError, match="CHECKPOINT_TOWERS must be False with MODEL.FCOS.NORM BN"):
         _head(norm="BN", checkpoint_towers=True)
+
+
+def test_exp_regression_of_pixel_targets_starts_at_one_stride(cfg):
+    cfg.merge_from_file(config_path("configs/FCOS-Detection/paper/R_50_1x_iccv2019.yaml"))
+    cfg.MODEL.WEIGHTS = ""
+    head = build_model(cfg).head
+    assert head.bbox_pred.bias.tolist() == pytest.approx([math.log(8)] * 4)
+    with torch.no_grad():
+        box_reg = head([torch.randn(1, 256, 8, 8)] * 5).box_reg
+    # Weights N(0, 0.01) around the bias ln 8: the locations start near an 8-pixel (l, t, r, b)
+    # (within exp(+-0.5) of it), no longer near a 1-pixel one.
+    medians = [x.median().item() for x in box_reg]
+    assert all(8 / 1.65 < m < 8 * 1.65 for m in medians), medians
+    cfg.MODEL.FCOS.INITIAL_BOX_DISTANCE = 1.0  # the original release's zero bias
+    assert build_model(cfg).head.bbox_pred.bias.tolist() == [0.0] * 4
+    cfg.MODEL.FCOS.INITIAL_BOX_DISTANCE = -2.0
+    with pytest.raises(ValueError, match="MODEL.FCOS.INITIAL_BOX_DISTANCE.*-2.0"):
+        build_model(cfg)
+
+
+@pytest.mark.slow
+def test_the_iccv2019_settings_overfit_one_image(cfg):
+    """Issue #12's recipe: R-18 with GN, 64-channel FPN, SGD lr 0.01, momentum 0.9, gradient
+    clipping 10, one 160x160 image with three boxes: all three found at IoU >= 0.8."""
+    cfg.merge_from_file(config_path("configs/FCOS-Detection/paper/R_50_1x_iccv2019.yaml"))
+    cfg.MODEL.WEIGHTS = ""
+    cfg.MODEL.RESNETS.DEPTH = 18
+    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
+    cfg.MODEL.RESNETS.NORM = "GN"
+    cfg.MODEL.BACKBONE.FREEZE_AT = 0
+    cfg.MODEL.FPN.OUT_CHANNELS = 64
+    cfg.MODEL.FCOS.NUM_CLASSES = 3
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    gt_boxes = [[10, 15, 60, 70], [70, 40, 150, 130], [30, 100, 80, 140]]
+    batch = [synthetic_image(160, 160, boxes=gt_boxes, classes=[0, 1, 2])]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    with EventStorage():
+        for _ in range(400):
+            loss = sum(model(batch).values())
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+            optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        detections = model(batch)[0]["instances"]
+    top = detections[detections.scores > 0.3]
+    iou = pairwise_iou(Boxes(torch.tensor(gt_boxes, dtype=torch.float32)), top.pred_boxes)
+    assert (iou.max(dim=1).values >= 0.8).all(), iou.max(dim=1).values

@@ -28,12 +28,14 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
+from detectron2.data.datasets.coco import convert_to_coco_dict  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from pycocotools.coco import COCO  # noqa: E402
 
-from ..data.builtin import register_shapes_from_config  # noqa: E402
+from ..checkpoint import FCOSCheckpointer  # noqa: E402
+from ..checks import exit_on_config_error  # noqa: E402
+from ..data.builtin import register_datasets_from_config  # noqa: E402
 from ..engine import Trainer, build_cfg  # noqa: E402
 from ..modeling.targets import FCOSTargetAssigner  # noqa: E402
 from .assignment import (  # noqa: E402
@@ -119,7 +121,7 @@ def load_model(cfg):
     if not cfg.MODEL.WEIGHTS:
         raise SystemExit("this command needs trained weights: add MODEL.WEIGHTS path/to/model.pth")
     model = build_model(cfg).eval()
-    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    FCOSCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     return model
 
 
@@ -163,12 +165,24 @@ def run_centerness(cfg, dataset: str, max_images: int, output: Path) -> dict:
     return {"num_images": seen, "summary": summary, "pairs": pairs}
 
 
+def ground_truth_coco(dataset: str) -> COCO:
+    """The dataset's annotations as a COCO api object: its json file, or (VOC and other
+    non-COCO datasets) Detectron2's conversion of its records."""
+    json_file = MetadataCatalog.get(dataset).get("json_file", None)
+    if json_file:
+        return COCO(json_file)
+    coco = COCO()
+    coco.dataset = convert_to_coco_dict(dataset)
+    coco.createIndex()
+    return coco
+
+
 def run_pr_curves(cfg, dataset: str, max_images: int, output: Path) -> dict:
     model = load_model(cfg)
     detections, image_ids = coco_detections(
         model, Trainer.build_test_loader(cfg, dataset), max_images
     )
-    coco_gt = COCO(MetadataCatalog.get(dataset).json_file)
+    coco_gt = ground_truth_coco(dataset)
     coco_gt.imgs = {i: coco_gt.imgs[i] for i in image_ids}
     curves = class_agnostic_pr(coco_gt, detections)
     figure, axis = plt.subplots(figsize=(5.5, 4.6))
@@ -203,7 +217,7 @@ def main(argv=None) -> int:
         raise SystemExit("no dataset: pass --dataset NAME or set DATASETS.TEST in the config")
     cfg.DATASETS.TEST = (dataset,)
     cfg.freeze()
-    register_shapes_from_config(cfg)
+    register_datasets_from_config(cfg)
     if dataset not in DatasetCatalog.list():
         raise SystemExit(
             f"dataset {dataset!r} is not registered (known: {sorted(DatasetCatalog.list())[:8]}...)"
@@ -228,4 +242,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_on_config_error("python -m fcos_d2.analysis", main))

@@ -7,6 +7,7 @@ from .core import FCOSCore
 from .fcos import FCOS
 from .head import FCOSHead
 from .losses import FCOSLoss
+from .one_stage_detector import OneStageDetector  # noqa: F401 (registers the name)
 from .postprocess import FCOSPostProcessor
 from .proposal_generator import FCOSProposalGenerator
 from .targets import FCOSTargetAssigner, FCOSTargets

@@ -6,6 +6,9 @@ steps (:meth:`FCOS.dense_predictions`, :meth:`FCOS.output_dicts`) let wrappers (
 augmentation, export, the analyses) reuse it piece by piece.
 """
 
+import contextlib
+
+import torch
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
 from detectron2.modeling.meta_arch.dense_detector import DenseDetector
@@ -14,7 +17,10 @@ from detectron2.structures import ImageList, Instances
 from detectron2.utils.events import get_event_storage
 from torch import Tensor
 
+from ..checkpoint import register_adelaidet_loading
 from ..checks import check_that
+from ..config import check_authors_keys
+from ..precision import autocast_dtype
 from .core import FCOSCore
 from .head import FCOSHead, FCOSHeadOutputs
 
@@ -33,7 +39,18 @@ class FCOS(DenseDetector):
         core: FCOSCore,
         pixel_mean: tuple[float, ...],
         pixel_std: tuple[float, ...],
+        inference_mixed_precision: bool = False,
+        cpu_bf16: str = "auto",
+        channels_last: bool = False,
     ):
+        """
+        Args:
+            inference_mixed_precision: run backbone and head under autocast at inference: float16
+                on CUDA, bfloat16 on a CPU as ``cpu_bf16`` allows (see :mod:`fcos_d2.precision`).
+                Decoding stays in float32.
+            channels_last: keep convolution weights and inputs in channels-last (NHWC) memory
+                format, which oneDNN runs faster on CPUs; outputs do not change.
+        """
         super().__init__(
             backbone, head, head_in_features, pixel_mean=pixel_mean, pixel_std=pixel_std
         )
@@ -54,9 +71,17 @@ class FCOS(DenseDetector):
             "FCOS argument core",
         )
         self.core = core
+        self.inference_mixed_precision = inference_mixed_precision
+        self.cpu_bf16 = cpu_bf16
+        self.channels_last = channels_last
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
+        # MODEL.WEIGHTS may be an AdelaiDet checkpoint (head at proposal_generator.fcos_head.*).
+        register_adelaidet_loading(self)
 
     @classmethod
     def from_config(cls, cfg) -> dict:
+        check_authors_keys(cfg)
         backbone = build_backbone(cfg)
         shapes = backbone.output_shape()
         core = FCOSCore(cfg, shapes)
@@ -68,6 +93,9 @@ class FCOS(DenseDetector):
             "core": core,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
+            "inference_mixed_precision": cfg.TEST.AMP.ENABLED,
+            "cpu_bf16": cfg.SOLVER.AMP.CPU_BF16,
+            "channels_last": cfg.MODEL.CHANNELS_LAST,
         }
 
     @property
@@ -90,9 +118,21 @@ class FCOS(DenseDetector):
     ) -> tuple[ImageList, list[Tensor], FCOSHeadOutputs]:
         """Normalized, padded images; the head's input features; the head's outputs."""
         images = self.preprocess_image(batched_inputs)
-        features = self.backbone(images.tensor)
-        features = [features[f] for f in self.head_in_features]
-        return images, features, self.head(features)
+        tensor = images.tensor
+        if self.channels_last:
+            tensor = tensor.contiguous(memory_format=torch.channels_last)
+        with self._inference_autocast():
+            features = self.backbone(tensor)
+            features = [features[f] for f in self.head_in_features]
+            predictions = self.head(features)
+        return images, features, predictions
+
+    def _inference_autocast(self) -> contextlib.AbstractContextManager:
+        if self.training or not self.inference_mixed_precision:
+            return contextlib.nullcontext()
+        device_type = self.device.type
+        dtype = autocast_dtype(device_type, self.cpu_bf16, "TEST.AMP.ENABLED")
+        return torch.autocast(device_type, dtype) if dtype else contextlib.nullcontext()
 
     def forward_training(
         self,

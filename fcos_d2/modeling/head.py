@@ -132,10 +132,16 @@ class FCOSHead(nn.Module):
         box_activation: str = "relu",
         centerness_on_reg: bool = True,
         prior_prob: float = 0.01,
+        initial_box_distance: float = 1.0,
         checkpoint_towers: bool = False,
     ):
         """
         Args:
+            initial_box_distance: the (l, t, r, b) every location predicts at initialisation with
+                ``box_activation="exp"``, in target units. 1 suits stride-normalized targets (one
+                stride); with targets in pixels, ``from_config`` passes the smallest stride, since
+                1-pixel boxes (IoU ~1e-3 with the targets) make the early steps so large that SGD
+                does not settle (README, "The ICCV 2019 settings").
             checkpoint_towers: in training, keep only each tower's input for the backward pass
                 and run the tower again there (``torch.utils.checkpoint``): the towers' saved
                 activations (over a third of the training step's) for a few percent more time;
@@ -201,6 +207,16 @@ class FCOSHead(nn.Module):
                 nn.init.zeros_(module.bias)
         # Sec. 3.1 / RetinaNet: start every classifier at prior_prob to avoid an early loss blow-up.
         nn.init.constant_(self.cls_logits.bias, -math.log((1 - prior_prob) / prior_prob))
+        if box_activation == "exp":
+            check_that(
+                initial_box_distance > 0,
+                "MODEL.FCOS.INITIAL_BOX_DISTANCE",
+                "> 0 (0 in the config means one stride)",
+                initial_box_distance,
+                _WHERE,
+            )
+            # exp(s * b) = initial_box_distance with s = 1 and zero weights.
+            nn.init.constant_(self.bbox_pred.bias, math.log(initial_box_distance))
 
     @classmethod
     def from_config(cls, cfg, input_shape: list[ShapeSpec]):
@@ -217,6 +233,8 @@ class FCOSHead(nn.Module):
             "box_activation": fcos.BOX_ACTIVATION,
             "centerness_on_reg": fcos.CENTERNESS_ON_REG,
             "prior_prob": fcos.PRIOR_PROB,
+            "initial_box_distance": fcos.INITIAL_BOX_DISTANCE
+            or (1.0 if fcos.NORM_REG_TARGETS else float(input_shape[0].stride)),
             "checkpoint_towers": fcos.CHECKPOINT_TOWERS,
         }
 

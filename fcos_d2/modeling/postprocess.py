@@ -19,7 +19,7 @@ from detectron2.layers import batched_nms
 from detectron2.structures import Boxes, Instances
 from torch import Tensor
 
-from ..checks import check_that
+from ..checks import ConfigError, check_that
 from .box_ops import decode_ltrb
 
 _WHERE = "FCOSPostProcessor argument"
@@ -213,7 +213,7 @@ def detections_per_image(cfg) -> int:
     """
     authors, detectron2 = cfg.MODEL.FCOS.POST_NMS_TOPK_TEST, cfg.TEST.DETECTIONS_PER_IMAGE
     if authors and authors != detectron2:
-        raise ValueError(
+        raise ConfigError(
             f"MODEL.FCOS.POST_NMS_TOPK_TEST={authors} and TEST.DETECTIONS_PER_IMAGE={detectron2} "
             "both set "
             "the number of detections per image: set them to the same value (or leave "

@@ -16,6 +16,7 @@ from detectron2.structures import ImageList, Instances
 from torch import Tensor, nn
 
 from ..checks import check_that
+from ..config import check_authors_keys
 from .core import FCOSCore
 from .head import FCOSHead
 from .losses import FCOSLoss
@@ -67,6 +68,7 @@ class FCOSProposalGenerator(nn.Module):
 
     @classmethod
     def from_config(cls, cfg, input_shape: dict[str, ShapeSpec]):
+        check_authors_keys(cfg)
         agnostic = cfg.clone()
         agnostic.defrost()
         agnostic.MODEL.FCOS.NUM_CLASSES = 1

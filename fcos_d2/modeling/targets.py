@@ -44,7 +44,12 @@ class FCOSTargetAssigner:
     and, with center sampling, also strictly inside the square of half-side ``radius * stride``
     around the box center clipped to the box; and when its level's range holds the box:
     m_{i-1} <= max(l*,t*,r*,b*) <= m_i (Sec. 3.2). Among candidates the box of minimal area wins,
-    ties going to the lowest box index. Crowd boxes (``gt_is_crowd``) are never candidates.
+    ties going to the lowest box index.
+
+    Boxes are first clipped to the image, as Detectron2's ``DatasetMapper`` does (so +-inf
+    coordinates become the image's edges). Crowd boxes (``gt_is_crowd``) and boxes that are empty
+    after clipping (zero width or height, inverted, entirely outside) or have a NaN coordinate are
+    never candidates: a custom mapper that keeps such boxes trains as if they were absent.
     """
 
     @configurable
@@ -141,14 +146,17 @@ class FCOSTargetAssigner:
             )
         labels, reg_targets, matched = [], [], []
         for instances in gt_instances:
-            boxes = instances.gt_boxes.tensor.to(points.dtype)
-            crowd = instances.gt_is_crowd if instances.has("gt_is_crowd") else None
+            boxes, ignored = usable_boxes(
+                instances.gt_boxes.tensor.to(points.dtype), instances.image_size
+            )
+            if instances.has("gt_is_crowd"):
+                ignored = ignored | instances.gt_is_crowd.bool()
             if near:
                 matched_gt = self.match_near(
-                    locations, grid_sizes, strides, size_ranges, boxes, crowd
+                    locations, grid_sizes, strides, size_ranges, boxes, ignored
                 )
             else:
-                matched_gt = self.match(points, strides, size_ranges, boxes, crowd)
+                matched_gt = self.match(points, strides, size_ranges, boxes, ignored)
             is_fg = matched_gt >= 0
             safe_idx = matched_gt.clamp(min=0)
             if len(boxes):
@@ -160,7 +168,8 @@ class FCOSTargetAssigner:
             if self.normalize_reg_targets:
                 ltrb = ltrb / strides[:, None]
             labels.append(torch.where(is_fg, cls, torch.full_like(cls, self.num_classes)))
-            reg_targets.append(ltrb * is_fg[:, None])
+            # where(), not a product: background rows may read an ignored NaN box.
+            reg_targets.append(torch.where(is_fg[:, None], ltrb, torch.zeros_like(ltrb)))
             matched.append(matched_gt)
         return FCOSTargets(torch.stack(labels), torch.stack(reg_targets), torch.stack(matched))
 
@@ -185,12 +194,13 @@ class FCOSTargetAssigner:
         strides: Tensor,
         size_ranges: Tensor,
         boxes: Tensor,
-        crowd: Optional[Tensor] = None,
+        ignored: Optional[Tensor] = None,
     ) -> Tensor:
-        """(P, G) bool: location p may regress box g (inside, center region, level range)."""
-        crowd = crowd[None, :] if crowd is not None else None
+        """(P, G) bool: location p may regress box g (inside, center region, level range); boxes
+        flagged in the (G,) mask ``ignored`` are never candidates."""
+        ignored = ignored[None, :] if ignored is not None else None
         return self.pair_is_candidate(
-            points[:, None], strides[:, None], size_ranges[:, None], boxes[None], crowd
+            points[:, None], strides[:, None], size_ranges[:, None], boxes[None], ignored
         )
 
     def pair_is_candidate(
@@ -199,10 +209,10 @@ class FCOSTargetAssigner:
         strides: Tensor,
         size_ranges: Tensor,
         boxes: Tensor,
-        crowd: Optional[Tensor] = None,
+        ignored: Optional[Tensor] = None,
     ) -> Tensor:
         """Element-wise :meth:`candidates`: points (..., 2), strides (...), size ranges (..., 2),
-        boxes (..., 4) and crowd flags (...) broadcast to the pairs' shape."""
+        boxes (..., 4) and ignored flags (...) broadcast to the pairs' shape."""
         ltrb = ltrb_distances(points, boxes)
         if self.center_sampling_radius > 0:
             centers = (boxes[..., :2] + boxes[..., 2:]) / 2
@@ -220,8 +230,8 @@ class FCOSTargetAssigner:
         max_distance = ltrb.max(dim=-1).values
         in_range = (max_distance >= size_ranges[..., 0]) & (max_distance <= size_ranges[..., 1])
         is_candidate = inside & in_range
-        if crowd is not None:
-            is_candidate &= ~crowd.bool()
+        if ignored is not None:
+            is_candidate &= ~ignored
         return is_candidate
 
     def match(
@@ -230,7 +240,7 @@ class FCOSTargetAssigner:
         strides: Tensor,
         size_ranges: Tensor,
         boxes: Tensor,
-        crowd: Optional[Tensor] = None,
+        ignored: Optional[Tensor] = None,
     ) -> Tensor:
         """(P,) index of the minimal-area candidate box of each location, -1 where there is none."""
         num_points = len(points)
@@ -240,9 +250,9 @@ class FCOSTargetAssigner:
         chunk = max(1, self.max_pairs_per_chunk // max(num_points, 1))
         for start in range(0, len(boxes), chunk):
             stop = start + chunk
-            crowd_chunk = crowd[start:stop] if crowd is not None else None
+            ignored_chunk = ignored[start:stop] if ignored is not None else None
             is_candidate = self.candidates(
-                points, strides, size_ranges, boxes[start:stop], crowd_chunk
+                points, strides, size_ranges, boxes[start:stop], ignored_chunk
             )
             candidate_area = torch.where(is_candidate, areas[None, start:stop], INF)
             # min() returns the first minimum, so ties within a chunk go to the lowest index, and
@@ -260,7 +270,7 @@ class FCOSTargetAssigner:
         strides: Tensor,
         size_ranges: Tensor,
         boxes: Tensor,
-        crowd: Optional[Tensor] = None,
+        ignored: Optional[Tensor] = None,
     ) -> Tensor:
         """:meth:`match` with center sampling, comparing each box only with nearby locations.
 
@@ -306,7 +316,7 @@ class FCOSTargetAssigner:
                 strides[index],
                 size_ranges[index],
                 boxes[:, None, :],
-                crowd[:, None] if crowd is not None else None,
+                ignored[:, None] if ignored is not None else None,
             )
             # Clamped off-grid pairs repeat an on-grid location, but are never candidates.
             candidate_area = torch.where(is_candidate, areas[:, None], INF).reshape(-1)
@@ -317,3 +327,15 @@ class FCOSTargetAssigner:
             best_idx = best_idx.scatter_reduce(0, index, winner, "amin")
             start += height * width
         return torch.where(best_idx < num_boxes, best_idx, -1)
+
+
+def usable_boxes(boxes: Tensor, image_size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """(G, 4) boxes clipped to the image, and the (G,) mask of those to ignore: a NaN coordinate,
+    or no area left after clipping (zero width or height, inverted, entirely outside)."""
+    height, width = image_size
+    x0, y0, x1, y1 = boxes.unbind(dim=1)
+    clipped = torch.stack(
+        [x0.clamp(0, width), y0.clamp(0, height), x1.clamp(0, width), y1.clamp(0, height)], dim=1
+    )
+    empty = (clipped[:, 2] <= clipped[:, 0]) | (clipped[:, 3] <= clipped[:, 1])
+    return clipped, empty | boxes.isnan().any(dim=1)

@@ -1,0 +1,77 @@
+"""The quickstart as a LazyConfig: the twin of configs/quickstart/FCOS_R_18_shapes.yaml (FCOS with
+a ResNet-18 trained from scratch on the embedded "shapes" dataset, AdamW, bfloat16 autocast on a
+CPU), for ``lazyconfig_train_net.py``, which registers ``datasets`` before building anything.
+"""
+
+import detectron2.data.transforms as T
+from detectron2.config import LazyCall as L
+from detectron2.layers import ShapeSpec
+from detectron2.model_zoo import get_config
+from detectron2.solver import WarmupParamScheduler
+from fvcore.common.param_scheduler import MultiStepParamScheduler
+
+from fcos_d2.data.builtin import register_shapes
+
+from .common.fcos import model
+
+# ResNet-18 from scratch with BatchNorm, 64-channel FPN and head, 2-conv towers.
+model.backbone.bottom_up.stem.norm = "BN"
+model.backbone.bottom_up.stages.depth = 18
+model.backbone.bottom_up.stages.norm = "BN"
+del model.backbone.bottom_up.stages.stride_in_1x1  # bottleneck blocks only
+model.backbone.bottom_up.freeze_at = 0
+model.backbone.out_channels = 64
+model.backbone.top_block.in_channels = "${..out_channels}"
+model.head.input_shape = [ShapeSpec(channels=64)] * 5
+model.head.num_classes = 5
+model.head.num_cls_convs = 2
+model.head.num_box_convs = 2
+model.pixel_std = [57.375, 57.120, 58.395]  # from scratch: normalize the inputs fully
+
+# DATASETS.SHAPES.*: the files are generated on first use.
+datasets = L(register_shapes)(
+    names=["shapes_train", "shapes_val"],
+    root="",  # "": $FCOS_D2_DATASETS, else <repository>/datasets
+    num_train=512,
+    num_val=128,
+    image_size=[256, 256],
+    max_objects=6,
+    seed=0,
+)
+
+dataloader = get_config("common/data/coco.py").dataloader
+dataloader.train.dataset.names = "shapes_train"
+dataloader.train.mapper.augmentations = [
+    L(T.ResizeShortestEdge)(short_edge_length=(256,), sample_style="choice", max_size=256),
+    L(T.RandomFlip)(horizontal=True),
+]
+dataloader.train.mapper.use_instance_mask = False
+dataloader.train.total_batch_size = 4
+dataloader.train.num_workers = 1
+dataloader.test.dataset.names = "shapes_val"
+dataloader.test.mapper.augmentations = [
+    L(T.ResizeShortestEdge)(short_edge_length=256, max_size=256),
+]
+dataloader.test.num_workers = 1
+dataloader.evaluator.output_dir = "${...train.output_dir}/inference"
+
+optimizer = get_config("common/optim.py").AdamW
+optimizer.lr = 0.001
+optimizer.weight_decay = 0.05
+
+lr_multiplier = L(WarmupParamScheduler)(
+    scheduler=L(MultiStepParamScheduler)(
+        values=[1.0, 0.1], milestones=[1300], num_updates="${...train.max_iter}"
+    ),
+    warmup_length=100 / 1500,
+    warmup_method="linear",
+    warmup_factor=0.001,
+)
+
+train = get_config("common/train.py").train
+train.max_iter = 1500
+train.amp.enabled = True  # bfloat16 autocast on a CPU, float16 AMP on CUDA
+train.checkpointer.period = 500
+train.eval_period = 0  # evaluate once, at the end of training
+train.seed = 0
+train.output_dir = "output/quickstart/FCOS_R_18_shapes_lazy"

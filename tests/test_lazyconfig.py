@@ -1,0 +1,195 @@
+"""LazyConfig twins of the YAML configs build the same model and recipe; the LazyConfig entry
+point trains, evaluates and evaluates again from the checkpoint."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from detectron2.config import LazyConfig, instantiate
+from detectron2.data import DatasetMapper
+from detectron2.modeling import build_model
+from detectron2.solver import LRMultiplier, build_lr_scheduler
+from helpers import REPO, args_for, config_path, shapes_root, synthetic_image
+from omegaconf import ListConfig
+
+from fcos_d2.data.builtin import register_shapes
+from fcos_d2.engine import Trainer, build_cfg
+from fcos_d2.lazy_engine import check_model_classes, main
+
+TWINS = [
+    ("configs/LazyConfig/fcos_R_18_shapes.py", "configs/quickstart/FCOS_R_18_shapes.yaml"),
+    ("configs/LazyConfig/fcos_R_50_1x.py", "configs/FCOS-Detection/R_50_1x.yaml"),
+]
+# Building two R-50 detectors takes seconds.
+TWIN_MODELS = [
+    pytest.param(*twin, marks=[pytest.mark.slow] * ("R_50" in twin[0])) for twin in TWINS
+]
+
+
+def comparable(value):
+    """Tuples, lists and ListConfigs of equal items compare equal."""
+    if isinstance(value, (tuple, list, ListConfig)):
+        return [comparable(v) for v in value]
+    return value
+
+
+def augmentations(mapper: DatasetMapper) -> list:
+    """Each augmentation's type and settings; a resize to a range of one size is that size."""
+    described = []
+    for aug in mapper.augmentations.augs:
+        settings = comparable(vars(aug))
+        if settings.get("is_range") and len(set(settings["short_edge_length"])) == 1:
+            settings.update(is_range=False, sample_style="choice")
+        described.append((type(aug).__name__, settings))
+    return described
+
+
+@pytest.mark.parametrize("lazy_file, yaml_file", TWIN_MODELS)
+def test_lazy_config_builds_the_yaml_model(lazy_file, yaml_file):
+    lazy = instantiate(LazyConfig.load(config_path(lazy_file)).model)
+    yaml = build_model(build_cfg(config_path(yaml_file), ["MODEL.DEVICE", "cpu"]))
+    assert sum(p.numel() for p in lazy.parameters()) == sum(p.numel() for p in yaml.parameters())
+    shapes = [(k, v.shape) for k, v in lazy.state_dict().items()]
+    assert shapes == [(k, v.shape) for k, v in yaml.state_dict().items()]
+    # Same module types (FrozenBN vs BN, GN, ...) and the same frozen stages.
+    assert [type(m) for m in lazy.modules()] == [type(m) for m in yaml.modules()]
+    frozen = [(n, p.requires_grad) for n, p in lazy.named_parameters()]
+    assert frozen == [(n, p.requires_grad) for n, p in yaml.named_parameters()]
+    # Same training and inference settings of the (parameter-free) core.
+    assert lazy.head_in_features == yaml.head_in_features
+    for attr in ("strides", "num_classes", "inference_quality"):
+        assert getattr(lazy.core, attr) == getattr(yaml.core, attr), attr
+    for part in ("target_assigner", "loss", "postprocessor"):
+        assert vars(getattr(lazy.core, part)) == vars(getattr(yaml.core, part)), part
+    # Same weights give the same outputs: the modules are also wired alike.
+    lazy.load_state_dict(yaml.state_dict())
+    lazy.eval()
+    yaml.eval()
+    assert torch.equal(lazy.pixel_mean, yaml.pixel_mean) and torch.equal(
+        lazy.pixel_std, yaml.pixel_std
+    )
+    inputs = [synthetic_image(64, 96, boxes=[(8, 8, 40, 50)], classes=[0])]
+    with torch.no_grad():
+        _, lazy_features, lazy_out = lazy.dense_predictions(inputs)
+        _, yaml_features, yaml_out = yaml.dense_predictions(inputs)
+    for a, b in zip(
+        lazy_features + [t for ts in lazy_out for t in ts],
+        yaml_features + [t for ts in yaml_out for t in ts],
+    ):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("lazy_file, yaml_file", TWINS)
+def test_lazy_config_has_the_yaml_training_recipe(lazy_file, yaml_file):
+    lazy = LazyConfig.load(config_path(lazy_file))
+    cfg = build_cfg(config_path(yaml_file), ["MODEL.DEVICE", "cpu"])
+    # Data: datasets, augmentations, batch size, workers.
+    assert comparable(lazy.dataloader.train.dataset.names) == comparable(cfg.DATASETS.TRAIN[0])
+    assert comparable(lazy.dataloader.test.dataset.names) == comparable(cfg.DATASETS.TEST[0])
+    assert lazy.dataloader.evaluator.dataset_name == cfg.DATASETS.TEST[0]
+    for is_train, loader in ((True, lazy.dataloader.train), (False, lazy.dataloader.test)):
+        lazy_mapper, yaml_mapper = instantiate(loader.mapper), DatasetMapper(cfg, is_train)
+        assert augmentations(lazy_mapper) == augmentations(yaml_mapper)
+        for attr in ("is_train", "image_format", "use_instance_mask", "recompute_boxes"):
+            assert getattr(lazy_mapper, attr) == getattr(yaml_mapper, attr), attr
+        assert loader.num_workers == cfg.DATALOADER.NUM_WORKERS
+    assert lazy.dataloader.train.total_batch_size == cfg.SOLVER.IMS_PER_BATCH
+    # Optimizer: same type and parameter groups.
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.GroupNorm(2, 4), torch.nn.BatchNorm2d(4)
+    )
+    lazy.optimizer.params.model = model
+    lazy_optimizer = instantiate(lazy.optimizer)
+    yaml_optimizer = Trainer.build_optimizer(cfg, model)
+    assert type(lazy_optimizer) is type(yaml_optimizer)
+
+    def settings(group: dict) -> dict:
+        # Detectron2's YAML path asks SGD for its multi-tensor kernel (foreach): same update.
+        return {k: v for k, v in group.items() if k not in ("params", "foreach")}
+
+    assert settings(lazy_optimizer.defaults) == settings(yaml_optimizer.defaults)
+    assert len(lazy_optimizer.param_groups) == len(yaml_optimizer.param_groups)
+    for a, b in zip(lazy_optimizer.param_groups, yaml_optimizer.param_groups):
+        assert [id(p) for p in a["params"]] == [id(p) for p in b["params"]]
+        assert settings(a) == settings(b)
+    # Schedule: the same learning rate at every iteration (sampled for long schedules).
+    max_iter = lazy.train.max_iter
+    assert max_iter == cfg.SOLVER.MAX_ITER
+    lazy_schedule = LRMultiplier(lazy_optimizer, instantiate(lazy.lr_multiplier), max_iter)
+    yaml_schedule = build_lr_scheduler(cfg, yaml_optimizer)
+    milestones = [m + d for m in (*cfg.SOLVER.STEPS, cfg.SOLVER.WARMUP_ITERS) for d in (-1, 0, 1)]
+    for it in sorted({*range(0, max_iter, max(1, max_iter // 2000)), *milestones, max_iter - 1}):
+        lazy_schedule.last_epoch = yaml_schedule.last_epoch = it
+        assert lazy_schedule.get_lr() == pytest.approx(yaml_schedule.get_lr(), rel=1e-9), it
+    # The rest of the job.
+    assert lazy.train.init_checkpoint == cfg.MODEL.WEIGHTS
+    assert lazy.train.checkpointer.period == cfg.SOLVER.CHECKPOINT_PERIOD
+    assert lazy.train.eval_period == cfg.TEST.EVAL_PERIOD
+    assert lazy.train.amp.enabled == cfg.SOLVER.AMP.ENABLED
+    assert lazy.train.get("seed", -1) == cfg.SEED
+
+
+def lazy_opts(tmp_path, max_iter: int) -> list:
+    """The quickstart LazyConfig shrunk as tests/helpers.py ``tiny_opts`` shrinks the YAML one."""
+    return [
+        f"train.output_dir={tmp_path / 'out'}",
+        "train.device=cpu",
+        f"train.max_iter={max_iter}",
+        "train.checkpointer.period=100",
+        f"datasets.root={shapes_root()}",
+        "datasets.num_train=16",
+        "datasets.num_val=8",
+        "datasets.image_size=[128,128]",
+        "dataloader.train.mapper.augmentations.0.short_edge_length=[128]",
+        "dataloader.train.mapper.augmentations.0.max_size=128",
+        "dataloader.test.mapper.augmentations.0.short_edge_length=128",
+        "dataloader.test.mapper.augmentations.0.max_size=128",
+        "dataloader.train.num_workers=0",
+        "dataloader.test.num_workers=0",
+        f"lr_multiplier.scheduler.milestones=[{max_iter - 1}]",
+        f"lr_multiplier.warmup_length={1 / max_iter}",
+    ]
+
+
+@pytest.mark.slow
+def test_lazy_config_trains_evaluates_and_reloads(tmp_path):
+    config = config_path("configs/LazyConfig/fcos_R_18_shapes.py")
+    results = main(args_for(lazy_opts(tmp_path, max_iter=3), config_file=config))
+    assert set(results) == {"bbox"}
+    assert {"AP", "AP50", "AP75"} <= set(results["bbox"])
+    out = tmp_path / "out"
+    metrics = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
+    assert [m["iteration"] for m in metrics if "total_loss" in m][-1] == 2
+    assert (out / "model_final.pth").exists()
+    assert (out / "inference" / "coco_instances_results.json").exists()
+    # The entry-point script evaluates the checkpoint to the same numbers.
+    opts = lazy_opts(tmp_path, max_iter=3) + [f"train.init_checkpoint={out / 'model_final.pth'}"]
+    cmd = [sys.executable, "lazyconfig_train_net.py", "--config-file", config, "--eval-only"]
+    done = subprocess.run(
+        cmd + opts,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    values = [line for line in done.stdout.splitlines() if "copypaste: " in line][-1]
+    ap = float(values.split("copypaste: ")[1].split(",")[0])
+    assert ap == pytest.approx(results["bbox"]["AP"], abs=1e-3)
+
+
+def test_lazy_class_count_must_match_the_training_data():
+    cfg = LazyConfig.load(config_path("configs/LazyConfig/fcos_R_18_shapes.py"))
+    shrunk = dict(root=str(shapes_root()), num_train=16, num_val=8, image_size=[128, 128])
+    assert register_shapes(["shapes_train"], **shrunk) == ["shapes_train"]
+    cfg.model.head.num_classes = 4
+    with pytest.raises(
+        ValueError, match="model.head.num_classes=4 but dataset 'shapes_train' has 5"
+    ):
+        check_model_classes(cfg, instantiate(cfg.model))
+    with pytest.raises(ValueError, match=r"shapes split names must be in .*got \['shapes_test'\]"):
+        register_shapes("shapes_test")
