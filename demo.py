@@ -10,7 +10,6 @@ reads grayscale, RGBA, 16-bit and EXIF-rotated files) and ``Visualizer``.
 """
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.utils.visualizer import Visualizer
 
 from fcos_d2.checks import exit_on_config_error
+from fcos_d2.cli import split_config_overrides
 from fcos_d2.data.builtin import register_datasets_from_config
 from fcos_d2.data.images import ImageReadError, collect_image_files, read_image_bgr
 from fcos_d2.engine import build_cfg
@@ -39,23 +39,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--confidence-threshold", type=float, default=0.5)
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
     args = parser.parse_args(argv)
-    args.input, args.opts = _split_config_overrides(args.input, args.opts)
+    args.input, args.opts = split_config_overrides(args.input, args.opts)
     if bool(args.input) == bool(args.dataset):
         parser.error("give exactly one of --input and --dataset")
     return args
-
-
-_CONFIG_KEY = re.compile(r"^[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)+$")
-
-
-def _split_config_overrides(inputs: list[str], opts: list[str]) -> tuple[list[str], list[str]]:
-    """``--input a.jpg MODEL.WEIGHTS w.pth`` means two overrides, not three images: argparse's
-    ``nargs="+"`` would swallow them, so the inputs end at the first config key that is not a file.
-    """
-    for index, token in enumerate(inputs):
-        if _CONFIG_KEY.match(token) and not Path(token).exists():
-            return inputs[:index], inputs[index:] + opts
-    return inputs, opts
 
 
 def main(argv=None) -> int:

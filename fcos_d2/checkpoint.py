@@ -18,8 +18,9 @@ Two releases, one table of key names each (facts from the repositories, not thei
 
 import logging
 import os
+import pickle
 import re
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -247,6 +248,12 @@ def register_adelaidet_loading(module: nn.Module) -> None:
     module._register_load_state_dict_pre_hook(load_adelaidet_keys, with_module=True)
 
 
+# How torch.load(weights_only=True) and a restricted unpickler name the class they refused.
+REFUSED_GLOBAL = re.compile(r"GLOBAL (\S+) was not an allowed global|global (\S+) is not allowed")
+# What torch.load / pickle raise for unreadable files.
+_LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, KeyError)
+
+
 class FCOSCheckpointer(DetectionCheckpointer):
     """Detectron2's ``DetectionCheckpointer`` whose files survive a crash and whose load errors
     name the file.
@@ -277,15 +284,33 @@ class FCOSCheckpointer(DetectionCheckpointer):
         local = path and "://" not in path
         if local and not os.path.isfile(path):
             raise ConfigError(f"MODEL.WEIGHTS: checkpoint file {path} does not exist")
+        if path and path.endswith(".pkl"):
+            self.logger.warning(
+                "%s: Detectron2 reads .pkl (model zoo) files with full unpickling, which can run "
+                "code stored in the file: load only files you trust",
+                path,
+            )
         try:
             return super().load(path, checkpointables)
-        except (RuntimeError, EOFError, OSError, ValueError, KeyError) as error:
+        except _LOAD_ERRORS as error:
             if isinstance(error, ConfigError) or not local:
                 raise
+            refused = REFUSED_GLOBAL.search(str(error))
+            if refused:
+                raise ConfigError(
+                    f"MODEL.WEIGHTS: {path} stores a Python object ({refused[1] or refused[2]}) "
+                    "that torch.load(weights_only=True) refuses to unpickle, since unpickling can "
+                    "run code. If you trust the file, re-save its weights: torch.save("
+                    "{'model': torch.load(path, weights_only=False)['model']}, new_path)"
+                ) from None
             raise ConfigError(
                 f"MODEL.WEIGHTS: {path} is not a readable checkpoint (truncated or corrupt?): "
                 f"{type(error).__name__}: {error}"
             ) from None
+
+    def _torch_load(self, f: str) -> Any:
+        # Explicit for torch < 2.6, whose torch.load unpickles everything by default.
+        return torch.load(f, map_location="cpu", weights_only=True)
 
 
 def _atomic_write(path: str, write: Callable) -> None:

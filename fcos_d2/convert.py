@@ -20,7 +20,6 @@ mapped keys and the status is 0); 2 for unusable input (missing, truncated, not 
 import argparse
 import os
 import pickle
-import re
 import sys
 from collections.abc import Sequence
 from typing import Any, Callable, Optional
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 
 from .checkpoint import (
+    REFUSED_GLOBAL,
     adelaidet_key_to_ours,
     fcos_key_to_ours,
     frozen_bn_var_for_detectron2,
@@ -96,9 +96,7 @@ def read_checkpoint(path: str, unsafe: bool = False) -> tuple[dict[str, torch.Te
         loaded = loader(path, unsafe)
     except Exception as e:  # torch.load / pickle raise many types for bad files
         message = str(e)
-        refused = re.search(
-            r"GLOBAL (\S+) was not an allowed global|global (\S+) is not allowed", message
-        )
+        refused = REFUSED_GLOBAL.search(message)
         if refused and not unsafe:
             raise CheckpointError(
                 f"{path}: cannot be read without full unpickling (it refers to "

@@ -279,3 +279,81 @@ def test_bad_config_and_weights_give_one_line_errors(tmp_path):
         str(tmp_path / "cut.pth"),
     )
     assert done.returncode == 2 and "cut.pth is not a readable checkpoint" in done.stderr
+
+
+def test_image_lists_end_at_the_first_config_key(tmp_path, monkeypatch):
+    from fcos_d2.cli import split_config_overrides
+
+    images, opts = split_config_overrides(
+        ["a.jpg", "folder/", "MODEL.WEIGHTS", "w.pth"], ["MODEL.DEVICE", "cpu"]
+    )
+    assert images == ["a.jpg", "folder/"]
+    assert opts == ["MODEL.WEIGHTS", "w.pth", "MODEL.DEVICE", "cpu"]
+    # Top-level keys count; names that are not config sections stay inputs (reported if missing).
+    assert split_config_overrides(["a.jpg", "OUTPUT_DIR", "o"], []) == (
+        ["a.jpg"],
+        ["OUTPUT_DIR", "o"],
+    )
+    assert split_config_overrides(["IMG_0001.JPG", "DSC.jpg"], []) == (
+        ["IMG_0001.JPG", "DSC.jpg"],
+        [],
+    )
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "MODEL.PNG").write_bytes(b"")  # an existing file stays an input, whatever its name
+    assert split_config_overrides(["MODEL.PNG"], []) == (["MODEL.PNG"], [])
+
+
+class _NotATensor:
+    """Stands for any Python object a checkpoint should not need to unpickle."""
+
+
+def test_checkpoints_load_weights_only(tmp_path):
+    from fcos_d2.checkpoint import FCOSCheckpointer
+    from fcos_d2.checks import ConfigError
+
+    model = torch.nn.Linear(2, 2)
+    path = tmp_path / "odd.pth"
+    torch.save({"model": model.state_dict(), "extra": _NotATensor()}, path)
+    with pytest.raises(ConfigError, match=r"odd.pth stores a Python object \(.*_NotATensor\)"):
+        FCOSCheckpointer(torch.nn.Linear(2, 2)).load(str(path))
+    torch.save({"model": model.state_dict(), "iteration": 3}, path)
+    loaded = torch.nn.Linear(2, 2)
+    assert FCOSCheckpointer(loaded).load(str(path))["iteration"] == 3
+    assert torch.equal(loaded.weight, model.weight)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_another_architecture_loads_what_fits_and_names_the_rest(cfg):
+    """Detectron2's RetinaNet weights into FCOS R-50: the backbone loads except P6 (RetinaNet's
+    comes from C5, FCOS's from P5: another shape), RetinaNet's head is 'unexpected', FCOS's head
+    'missing'; another class count skips cls_logits for its shape."""
+    from fcos_d2.checkpoint import FCOSCheckpointer
+
+    retina_cfg = get_cfg()
+    retina_cfg.merge_from_list(
+        ["MODEL.META_ARCHITECTURE", "RetinaNet", "MODEL.DEVICE", "cpu"]
+        + ["MODEL.BACKBONE.NAME", "build_retinanet_resnet_fpn_backbone"]
+        + ["MODEL.RESNETS.OUT_FEATURES", ["res3", "res4", "res5"]]
+        + ["MODEL.FPN.IN_FEATURES", ["res3", "res4", "res5"]]
+    )
+    retina = build_model(retina_cfg).state_dict()
+    cfg.merge_from_file(config_path("configs/FCOS-Detection/R_50_1x.yaml"))
+    fcos = build_model(cfg)
+    report = FCOSCheckpointer(fcos)._load_model({"model": dict(retina)})
+    assert torch.equal(
+        fcos.backbone.bottom_up.stem.conv1.weight, retina["backbone.bottom_up.stem.conv1.weight"]
+    )
+    assert "head.cls_subnet.0.weight" in report.unexpected_keys
+    assert "head.cls_logits.weight" in report.missing_keys
+    assert [k for k in report.missing_keys if k.startswith("backbone.")] == [
+        "backbone.top_block.p6.weight"
+    ]
+    assert [k for k, *_ in report.incorrect_shapes] == ["backbone.top_block.p6.weight"]
+    other_classes = {k: v for k, v in fcos.state_dict().items()}
+    other_classes["head.cls_logits.weight"] = torch.zeros(3, 256, 3, 3)
+    other_classes["head.cls_logits.bias"] = torch.zeros(3)
+    report = FCOSCheckpointer(build_model(cfg))._load_model({"model": other_classes})
+    assert sorted(k for k, *_ in report.incorrect_shapes) == [
+        "head.cls_logits.bias",
+        "head.cls_logits.weight",
+    ]

@@ -15,7 +15,6 @@ difference <= 1e-3). ``--verify-only`` checks an existing DIR/model.* against th
 
 import argparse
 import logging
-import re
 import sys
 import time
 from pathlib import Path
@@ -25,13 +24,13 @@ from detectron2.modeling import build_model
 
 from ..checkpoint import FCOSCheckpointer
 from ..checks import ConfigError, exit_on_config_error
+from ..cli import split_config_overrides
 from ..data.builtin import register_datasets_from_config
 from ..engine import build_cfg
 from .model import FORMATS, ExportableFCOS, example_image, export_model, load_exported
 from .verify import verify
 
 logger = logging.getLogger(__name__)
-_CONFIG_KEY = re.compile(r"^[A-Z][A-Z0-9_]*(\.[A-Za-z0-9_]+)+$")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -55,12 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
     args = parser.parse_args(argv)
-    # "--verify a.jpg MODEL.WEIGHTS w.pth": the overrides after the images belong to opts.
-    for i, item in enumerate(args.verify):
-        if _CONFIG_KEY.match(item) and not Path(item).exists():
-            args.opts = args.verify[i:] + args.opts
-            args.verify = args.verify[:i]
-            break
+    args.verify, args.opts = split_config_overrides(args.verify, args.opts)
     missing = [p for p in args.verify if not Path(p).is_file()]
     if missing:
         parser.error(f"--verify: no such image file(s): {missing}")
