@@ -23,12 +23,16 @@ test-quick: setup
 
 QUICKSTART_CONFIG ?= configs/quickstart/FCOS_R_18_shapes.yaml
 QUICKSTART_OUTPUT ?= output/quickstart/FCOS_R_18_shapes
+# Extra config overrides, e.g. QUICKSTART_OPTS="SOLVER.AMP.CPU_BF16 never" (float32 on any CPU).
+QUICKSTART_OPTS ?=
 
 # Train on the embedded shapes dataset, evaluate on its val split, draw predictions on val images.
 quickstart: setup
-	$(PYTHON) train_net.py --config-file $(QUICKSTART_CONFIG) OUTPUT_DIR $(QUICKSTART_OUTPUT)
+	$(PYTHON) train_net.py --config-file $(QUICKSTART_CONFIG) OUTPUT_DIR $(QUICKSTART_OUTPUT) \
+		$(QUICKSTART_OPTS)
 	$(PYTHON) demo.py --config-file $(QUICKSTART_CONFIG) --dataset shapes_val --max-images 12 \
-		--output $(QUICKSTART_OUTPUT)/predictions MODEL.WEIGHTS $(QUICKSTART_OUTPUT)/model_final.pth
+		--output $(QUICKSTART_OUTPUT)/predictions MODEL.WEIGHTS $(QUICKSTART_OUTPUT)/model_final.pth \
+		$(QUICKSTART_OPTS)
 	@echo "Pictures of predictions: $(QUICKSTART_OUTPUT)/predictions/"
 
 clean-venv:

@@ -125,6 +125,9 @@ def _add_solver_keys(cfg: CN) -> None:
 
 
 def _add_dataset_keys(cfg: CN) -> None:
+    # Detectron2's INPUT.MIN_SIZE_TRAIN_SAMPLING ("choice", "range") also takes "choice_per_batch"
+    # (ours, no new key): one size of MIN_SIZE_TRAIN per batch, not per image. Our Trainer's
+    # loader reads it (fcos_d2/data/augmentation.py); Detectron2's own DatasetMapper refuses it.
     # The embedded "shapes" dataset (fcos_d2/data/shapes.py), registered as shapes_train/shapes_val.
     cfg.DATASETS.SHAPES = CN()
     shapes = cfg.DATASETS.SHAPES

@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import torch
 from detectron2.config import CfgNode, get_cfg
-from detectron2.data import MetadataCatalog
+from detectron2.data import MetadataCatalog, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, default_setup, hooks
 from detectron2.evaluation import COCOEvaluator, verify_results
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
@@ -23,6 +23,7 @@ from .checkpoint import FCOSCheckpointer
 from .checks import ConfigError, check_choice
 from .config import add_fcos_config
 from .d2_compat import cpu_friendly_ddp, last_eval_results, use_cpu_autocast
+from .data.augmentation import build_train_mapper
 from .data.builtin import register_datasets_from_config
 from .data.user_datasets import check_training_data
 from .precision import autocast_dtype
@@ -95,6 +96,10 @@ class Trainer(DefaultTrainer):
             if autocast_dtype("cpu", cfg.SOLVER.AMP.CPU_BF16, "SOLVER.AMP.ENABLED") is not None:
                 use_cpu_autocast(self)
 
+    @classmethod
+    def build_train_loader(cls, cfg: CfgNode):
+        return build_detection_train_loader(cfg, mapper=build_train_mapper(cfg))
+
     def build_hooks(self) -> list:
         # DefaultTrainer made a DetectionCheckpointer just before: use ours (atomic saves, named
         # load errors) in the hooks and for resume_or_load.
@@ -116,9 +121,18 @@ class Trainer(DefaultTrainer):
             bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
             weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
         )
-        adamw = torch.optim.AdamW(
-            params, lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY
-        )
+        settings = {"lr": cfg.SOLVER.BASE_LR, "weight_decay": cfg.SOLVER.WEIGHT_DECAY}
+        adamw = None
+        if all(p.device.type == "cpu" for p in model.parameters()):
+            # One fused kernel instead of a loop over tensors: 6x faster updates on a CPU (R-18:
+            # 13 vs 80 ms per step, 1 thread), 5% of a quickstart step; the same update up to
+            # float rounding. Not on CUDA, where fused optimizers skip GradScaler's unscale_
+            # that Detectron2's gradient clipping relies on.
+            try:
+                adamw = torch.optim.AdamW(params, fused=True, **settings)
+            except (RuntimeError, TypeError):  # torch < 2.4 fuses on CUDA only
+                pass
+        adamw = adamw or torch.optim.AdamW(params, **settings)
         return maybe_add_gradient_clipping(cfg, adamw)
 
     @classmethod

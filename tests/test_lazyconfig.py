@@ -15,6 +15,7 @@ from detectron2.solver import LRMultiplier, build_lr_scheduler
 from helpers import REPO, args_for, config_path, shapes_root, synthetic_image
 from omegaconf import ListConfig
 
+from fcos_d2.data.augmentation import build_train_mapper
 from fcos_d2.data.builtin import register_shapes
 from fcos_d2.engine import Trainer, build_cfg
 from fcos_d2.lazy_engine import check_model_classes, main
@@ -91,7 +92,8 @@ def test_lazy_config_has_the_yaml_training_recipe(lazy_file, yaml_file):
     assert comparable(lazy.dataloader.test.dataset.names) == comparable(cfg.DATASETS.TEST[0])
     assert lazy.dataloader.evaluator.dataset_name == cfg.DATASETS.TEST[0]
     for is_train, loader in ((True, lazy.dataloader.train), (False, lazy.dataloader.test)):
-        lazy_mapper, yaml_mapper = instantiate(loader.mapper), DatasetMapper(cfg, is_train)
+        yaml_mapper = build_train_mapper(cfg) if is_train else DatasetMapper(cfg, is_train)
+        lazy_mapper = instantiate(loader.mapper)
         assert augmentations(lazy_mapper) == augmentations(yaml_mapper)
         for attr in ("is_train", "image_format", "use_instance_mask", "recompute_boxes"):
             assert getattr(lazy_mapper, attr) == getattr(yaml_mapper, attr), attr
@@ -129,6 +131,8 @@ def test_lazy_config_has_the_yaml_training_recipe(lazy_file, yaml_file):
     assert lazy.train.checkpointer.period == cfg.SOLVER.CHECKPOINT_PERIOD
     assert lazy.train.eval_period == cfg.TEST.EVAL_PERIOD
     assert lazy.train.amp.enabled == cfg.SOLVER.AMP.ENABLED
+    assert lazy.train.amp.get("cpu_bf16", "auto") == cfg.SOLVER.AMP.CPU_BF16
+    assert lazy.model.get("channels_last", False) == cfg.MODEL.CHANNELS_LAST
     assert lazy.train.get("seed", -1) == cfg.SEED
 
 
