@@ -47,7 +47,9 @@ dataloader.train.dataset.names = "shapes_train"
 dataloader.train.mapper.augmentations = [
     L(ResizeShortestEdgePerBatch)(
         # images_per_batch: the batch per process, dataloader.train.total_batch_size / processes
-        short_edge_length=(160, 192, 224, 256), max_size=256, images_per_batch=4
+        short_edge_length=(160, 192, 224, 256),
+        max_size=256,
+        images_per_batch=4,
     ),
     L(T.RandomFlip)(horizontal=True),
 ]
