@@ -325,8 +325,9 @@ def test_checkpoints_load_weights_only(tmp_path):
 @pytest.mark.slow
 def test_a_checkpoint_of_another_architecture_loads_what_fits_and_names_the_rest(cfg):
     """Detectron2's RetinaNet weights into FCOS R-50: the backbone loads except P6 (RetinaNet's
-    comes from C5, FCOS's from P5: another shape), RetinaNet's head is 'unexpected', FCOS's head
-    'missing'; another class count skips cls_logits for its shape."""
+    comes from C5, FCOS's from P5: another shape), RetinaNet's head is 'unexpected' except
+    bbox_pred (skipped for its shape), FCOS's head 'missing'; another class count skips
+    cls_logits for its shape."""
     from fcos_d2.checkpoint import FCOSCheckpointer
 
     retina_cfg = get_cfg()
@@ -348,7 +349,12 @@ def test_a_checkpoint_of_another_architecture_loads_what_fits_and_names_the_rest
     assert [k for k in report.missing_keys if k.startswith("backbone.")] == [
         "backbone.top_block.p6.weight"
     ]
-    assert [k for k, *_ in report.incorrect_shapes] == ["backbone.top_block.p6.weight"]
+    # Same names, other shapes: P6 from C5, and RetinaNet's 9 anchors x 4 box outputs.
+    assert sorted(k for k, *_ in report.incorrect_shapes) == [
+        "backbone.top_block.p6.weight",
+        "head.bbox_pred.bias",
+        "head.bbox_pred.weight",
+    ]
     other_classes = {k: v for k, v in fcos.state_dict().items()}
     other_classes["head.cls_logits.weight"] = torch.zeros(3, 256, 3, 3)
     other_classes["head.cls_logits.bias"] = torch.zeros(3)
