@@ -9,7 +9,6 @@ Peak memory needs a fresh process per measurement: see ``run.py --only assign_lo
 """
 
 import argparse
-import inspect
 import sys
 import time
 from pathlib import Path
@@ -40,12 +39,10 @@ def assign_cases(ours, theirs, size, boxes):
     features = _empty_features(outputs)
     gt = _gt_instances(random_batch(*size, boxes))
     core, model = ours.model.core, theirs.model
-    locations = core.locations(features)
+    # Locations and grid sizes are computed once, as D2's anchors are: only assignment is timed.
+    locations, grid_sizes = core.locations(features), [f.shape[-2:] for f in features]
     anchors = model.anchor_generator(features)
-    # Grid sizes let the assigner look only near each box (where it accepts them).
-    accepts_sizes = "grid_sizes" in inspect.signature(core.target_assigner.__call__).parameters
-    kwargs = {"grid_sizes": [f.shape[-2:] for f in features]} if accepts_sizes else {}
-    yield "fcos-d2 FCOSTargetAssigner", lambda: core.target_assigner(locations, gt, **kwargs)
+    yield "fcos-d2 FCOSTargetAssigner", lambda: core.target_assigner(locations, gt, grid_sizes)
     yield "D2 FCOS label_anchors", lambda: model.label_anchors(anchors, gt)
 
 
@@ -58,8 +55,7 @@ def loss_cases(ours, theirs, size, boxes):
     features = _empty_features(outputs)
     gt = _gt_instances(random_batch(*size, boxes))
     core, model = ours.model.core, theirs.model
-    locations = core.locations(features)
-    targets = core.target_assigner(locations, gt)
+    targets = core.targets(features, gt)
     anchors = model.anchor_generator(features)
     labels, matched_boxes = model.label_anchors(anchors, gt)
 

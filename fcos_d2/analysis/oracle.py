@@ -41,11 +41,10 @@ def oracle_quality(
     core: FCOSCore, features: Sequence[Tensor], gt_instances: list[Instances]
 ) -> list[Tensor]:
     """Per level (N, HW_i): eq. (3) center-ness of each location's assigned box, 0 on background."""
-    locations = core.locations(features)
-    targets = core.target_assigner(locations, gt_instances)
+    targets = core.targets(features, gt_instances)
     # Background targets are all 0: their 0/0 center-ness becomes 0.
     oracle = torch.nan_to_num(centerness_from_ltrb(targets.reg_targets), nan=0.0)
-    return list(oracle.split([len(x) for x in locations], dim=1))
+    return list(oracle.split([f.shape[-2] * f.shape[-1] for f in features], dim=1))
 
 
 class OracleQualityFCOS(nn.Module):

@@ -21,7 +21,7 @@ from .box_ops import centerness_from_ltrb, feature_locations
 from .head import FCOSHeadOutputs
 from .losses import FCOSLoss
 from .postprocess import FCOSPostProcessor
-from .targets import FCOSTargetAssigner
+from .targets import FCOSTargetAssigner, FCOSTargets
 
 # What multiplies the class score at inference (Table 4, arXiv Sec. 4.1.2). "oracle" (ground-truth
 # center-ness) needs annotations, so callers pass its maps in: see fcos_d2.analysis.oracle.
@@ -155,6 +155,12 @@ class FCOSCore:
         """(H_i * W_i, 2) image coordinates of each level's locations."""
         return feature_locations(features, self.strides)
 
+    def targets(self, features: Sequence[Tensor], gt_instances: list[Instances]) -> FCOSTargets:
+        """Each location's targets (Sec. 3.1-3.3); the levels' grid sizes let the assigner compare
+        each box only with the locations near its center."""
+        grid_sizes = [tuple(f.shape[-2:]) for f in features]
+        return self.target_assigner(self.locations(features), gt_instances, grid_sizes)
+
     def losses(
         self,
         features: Sequence[Tensor],
@@ -162,8 +168,7 @@ class FCOSCore:
         gt_instances: list[Instances],
     ) -> tuple[dict[str, Tensor], Tensor]:
         """The loss dict and the worker-averaged number of positives (a tensor: no host sync)."""
-        grid_sizes = [tuple(f.shape[-2:]) for f in features]
-        targets = self.target_assigner(self.locations(features), gt_instances, grid_sizes)
+        targets = self.targets(features, gt_instances)
         return self.loss(
             flatten_predictions(predictions.cls_logits, self.num_classes),
             flatten_predictions(predictions.box_reg, 4),
