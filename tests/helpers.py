@@ -2,7 +2,10 @@
 
 import argparse
 import atexit
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -11,6 +14,20 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = str(REPO / "configs" / "quickstart" / "FCOS_R_18_shapes.yaml")
+
+
+def run_python(*args: str, cwd: Path = REPO, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``python *args`` (a repository script or ``-m module``) on the CPU, output captured."""
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+    )
+
+
 _SHAPES_ROOT: Optional[Path] = None
 
 

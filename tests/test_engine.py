@@ -2,7 +2,6 @@
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ import pytest
 import torch
 from detectron2.engine import DefaultPredictor, launch
 from detectron2.utils import comm
-from helpers import QUICKSTART, REPO, args_for, tiny_opts
+from helpers import QUICKSTART, REPO, args_for, run_python, tiny_opts
 
 from fcos_d2.engine import Trainer, build_cfg, main, setup
 
@@ -98,24 +97,8 @@ def test_two_cpu_processes_train_and_agree(tmp_path):
 @pytest.mark.slow
 def test_train_net_script_with_two_cpu_processes(tmp_path):
     opts = tiny_opts(tmp_path, max_iter=2, **{"SOLVER.CHECKPOINT_PERIOD": 100})
-    cmd = [
-        sys.executable,
-        "train_net.py",
-        "--config-file",
-        QUICKSTART,
-        "--num-gpus",
-        "2",
-        "--dist-url",
-        "auto",
-        *opts,
-    ]
-    done = subprocess.run(
-        cmd,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+    done = run_python(
+        "train_net.py", "--config-file", QUICKSTART, "--num-gpus", "2", "--dist-url", "auto", *opts
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Final evaluation" in done.stdout

@@ -2,9 +2,6 @@
 point trains, evaluates and evaluates again from the checkpoint."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,7 +9,7 @@ from detectron2.config import LazyConfig, instantiate
 from detectron2.data import DatasetMapper
 from detectron2.modeling import build_model
 from detectron2.solver import LRMultiplier, build_lr_scheduler
-from helpers import REPO, args_for, config_path, shapes_root, synthetic_image
+from helpers import args_for, config_path, run_python, shapes_root, synthetic_image
 from omegaconf import ListConfig
 
 from fcos_d2.data.augmentation import build_train_mapper
@@ -171,15 +168,7 @@ def test_lazy_config_trains_evaluates_and_reloads(tmp_path):
     assert (out / "inference" / "coco_instances_results.json").exists()
     # The entry-point script evaluates the checkpoint to the same numbers.
     opts = lazy_opts(tmp_path, max_iter=3) + [f"train.init_checkpoint={out / 'model_final.pth'}"]
-    cmd = [sys.executable, "lazyconfig_train_net.py", "--config-file", config, "--eval-only"]
-    done = subprocess.run(
-        cmd + opts,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
-    )
+    done = run_python("lazyconfig_train_net.py", "--config-file", config, "--eval-only", *opts)
     assert done.returncode == 0, done.stderr[-3000:]
     values = [line for line in done.stdout.splitlines() if "copypaste: " in line][-1]
     ap = float(values.split("copypaste: ")[1].split(",")[0])

@@ -3,8 +3,6 @@ documented or stop with an error that names the problem."""
 
 import glob
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,7 +12,7 @@ from detectron2.data import DatasetMapper
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, BoxMode, Instances
 from detectron2.utils.events import EventStorage
-from helpers import QUICKSTART, REPO, config_path, synthetic_image
+from helpers import QUICKSTART, REPO, config_path, run_python, synthetic_image
 from PIL import Image
 
 from fcos_d2 import add_fcos_config
@@ -214,29 +212,14 @@ def test_demo_reads_odd_files_and_names_bad_inputs(tmp_path):
     weights = tmp_path / "w.pth"
     torch.save({"model": build_model(cfg).state_dict()}, weights)
     _odd_images(tmp_path / "odd")
-    demo = [
-        sys.executable,
-        str(REPO / "demo.py"),
-        "--config-file",
-        QUICKSTART,
-        "--output",
-        str(tmp_path / "vis"),
-    ]
+    demo = ["demo.py", "--config-file", QUICKSTART, "--output", str(tmp_path / "vis")]
     opts = ["MODEL.WEIGHTS", str(weights), "MODEL.DEVICE", "cpu"]
-    done = subprocess.run(
-        demo + ["--input", str(tmp_path / "odd")] + opts, capture_output=True, text=True
-    )
+    done = run_python(*demo, "--input", str(tmp_path / "odd"), *opts)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "wrote 5 annotated images" in done.stdout
     (tmp_path / "empty").mkdir()
-    done = subprocess.run(
-        demo + ["--input", str(tmp_path / "empty")] + opts, capture_output=True, text=True
-    )
+    done = run_python(*demo, "--input", str(tmp_path / "empty"), *opts)
     assert done.returncode != 0 and "empty holds no images" in done.stderr
-
-
-def _run(*cmd, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *cmd], capture_output=True, text=True, timeout=600, **kw)
 
 
 @pytest.mark.slow
@@ -258,7 +241,9 @@ def test_bad_config_and_weights_give_one_line_errors(tmp_path):
     for args, message in cases:
         flags = [a for a in args if a.startswith("--")]
         opts = [a for a in args if not a.startswith("--")]
-        done = _run(*train, *flags, "MODEL.DEVICE", "cpu", "OUTPUT_DIR", str(tmp_path / "o"), *opts)
+        done = run_python(
+            *train, *flags, "MODEL.DEVICE", "cpu", "OUTPUT_DIR", str(tmp_path / "o"), *opts
+        )
         assert done.returncode == 2, (args, done.stderr[-1500:])
         assert "train_net.py: error:" in done.stderr and message in done.stderr, (
             args,
@@ -267,7 +252,7 @@ def test_bad_config_and_weights_give_one_line_errors(tmp_path):
         assert "Traceback" not in done.stderr, args
     (tmp_path / "imgs").mkdir()
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "imgs" / "a.png")
-    done = _run(
+    done = run_python(
         str(REPO / "demo.py"),
         "--config-file",
         QUICKSTART,

@@ -2,15 +2,20 @@
 the real detector under an identity augmentation, and train_net.py with TEST.AUG.ENABLED."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from detectron2.modeling import DatasetMapperTTA, GeneralizedRCNNWithTTA, build_model
 from detectron2.structures import Boxes, ImageList, Instances
-from helpers import QUICKSTART, REPO, args_for, config_path, shrink, synthetic_image, tiny_opts
+from helpers import (
+    QUICKSTART,
+    args_for,
+    config_path,
+    run_python,
+    shrink,
+    synthetic_image,
+    tiny_opts,
+)
 from torch import nn
 
 from fcos_d2.engine import main
@@ -200,16 +205,8 @@ def test_train_then_train_net_eval_only_with_tta(tmp_path):
     after_training = {task: json.loads(path.read_text()) for task, path in predictions.items()}
     assert after_training["bbox_TTA"] and after_training["bbox_TTA"] != after_training["bbox"]
     weights = str(tmp_path / "out/model_final.pth")
-    cmd = [sys.executable, "train_net.py", "--config-file", QUICKSTART, "--eval-only"]
     opts = tiny_opts(tmp_path, max_iter=4, **aug, **{"MODEL.WEIGHTS": weights})
-    done = subprocess.run(
-        cmd + opts,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
-    )
+    done = run_python("train_net.py", "--config-file", QUICKSTART, "--eval-only", *opts)
     assert done.returncode == 0, done.stderr[-3000:]
     # After "Final evaluation:", print_csv_format gives 3 lines a task: name, metric names, values.
     final = done.stdout.split("Final evaluation:")[-1]

@@ -2,14 +2,13 @@
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from helpers import QUICKSTART, REPO, args_for, tiny_opts
+from helpers import QUICKSTART, REPO, args_for, run_python, tiny_opts
 
 from fcos_d2.data.user_datasets import DatasetConfigError, register_user_datasets
 from fcos_d2.engine import build_cfg
@@ -93,9 +92,7 @@ def write_voc(root: Path, split: str, count: int, seed: int) -> None:
 
 
 def run(*cmd: str, cwd: Path) -> subprocess.CompletedProcess:
-    done = subprocess.run(
-        [sys.executable, *cmd], cwd=cwd, capture_output=True, text=True, timeout=600
-    )
+    done = run_python(*cmd, cwd=cwd)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
