@@ -132,3 +132,50 @@ def test_batch_without_positives_gives_finite_losses_and_a_graph():
 def test_bad_loss_type_is_named():
     with pytest.raises(ValueError, match="LOC_LOSS_TYPE.*'smooth_l1'"):
         FCOSLoss(num_classes=2, loc_loss_type="smooth_l1")
+
+
+@pytest.mark.parametrize("alpha, gamma", [(0.25, 2.0), (0.5, 1.5), (-1.0, 2.0), (0.25, 0.0)])
+def test_fused_focal_loss_matches_fvcore_value_and_gradient(alpha, gamma):
+    from fvcore.nn import sigmoid_focal_loss
+
+    from fcos_d2.modeling.losses import sigmoid_focal_loss_sum
+
+    generator = torch.Generator().manual_seed(0)
+    num_classes = 5
+    logits = torch.randn(2, 40, num_classes, generator=generator, dtype=torch.float64) * 4
+    logits[0, :3] = torch.tensor([-40.0, 40.0, 0.0])[:, None]  # saturated and balanced logits
+    labels = torch.randint(0, num_classes + 1, (2, 40), generator=generator)
+    labels[0, :3] = torch.tensor([0, 0, num_classes])
+
+    ours_input = logits.clone().requires_grad_()
+    ours = sigmoid_focal_loss_sum(ours_input, labels, alpha, gamma)
+    ours.backward(torch.tensor(3.0, dtype=ours.dtype))
+
+    reference_input = logits.clone().requires_grad_()
+    one_hot = torch.nn.functional.one_hot(labels, num_classes + 1)[..., :num_classes]
+    reference = sigmoid_focal_loss(reference_input, one_hot.double(), alpha, gamma, "sum")
+    (3 * reference).backward()
+
+    # float32 arithmetic inside the fused loss against fvcore in float64.
+    assert ours.item() == pytest.approx(reference.item(), rel=1e-5)
+    torch.testing.assert_close(ours_input.grad, reference_input.grad, rtol=1e-4, atol=1e-6)
+    assert torch.isfinite(ours_input.grad).all()
+
+
+def test_fused_focal_loss_without_grad_and_in_bfloat16():
+    from fcos_d2.modeling.losses import sigmoid_focal_loss_sum
+
+    logits = torch.zeros(1, 3, 2)
+    labels = torch.tensor([[1, 0, 2]])
+    expected = 2 * FOCAL_POS_AT_HALF + 4 * FOCAL_NEG_AT_HALF
+    assert sigmoid_focal_loss_sum(logits, labels).item() == pytest.approx(expected)
+    bf16 = logits.bfloat16().requires_grad_()
+    loss = sigmoid_focal_loss_sum(bf16, labels)
+    loss.backward()
+    assert loss.dtype == torch.float32 and loss.item() == pytest.approx(expected)
+    assert bf16.grad.dtype == torch.bfloat16
+    # d/dx at x = 0: negative 0.75 * 0.25 * (2 * 0.5 * ln 2 + 0.5); positive the opposite with 0.25.
+    negative = 0.75 * 0.25 * (2 * 0.5 * LN2 + 0.5)
+    positive = -0.25 * 0.25 * (2 * 0.5 * LN2 + 0.5)
+    expected_grad = torch.tensor([[[negative, positive], [positive, negative], [negative] * 2]])
+    torch.testing.assert_close(bf16.grad.float(), expected_grad, rtol=1e-2, atol=1e-3)

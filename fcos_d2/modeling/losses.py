@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.utils import comm
-from fvcore.nn import sigmoid_focal_loss_jit
 from torch import Tensor
 
 from ..checks import check_choice
@@ -40,6 +39,72 @@ def box_loss(pred: Tensor, target: Tensor, loss_type: str) -> tuple[Tensor, Tens
     else:
         loss = 1 - giou
     return loss, iou
+
+
+class _SigmoidFocalLossSum(torch.autograd.Function):
+    """Summed sigmoid focal loss with its gradient computed in the same pass.
+
+    With the sign s = 1 - 2t (t the binary target) and z = s x, the focal loss of logit x is
+    alpha_t * q^gamma * softplus(z) with q = sigmoid(z) (Lin et al. 2017, eq. (5)), and its
+    derivative is s * alpha_t * q^gamma * (gamma * (1 - q) * softplus(z) + q). Written so, the
+    forward and backward make about 15 passes over the (N, L, C) logits, mostly in place, instead
+    of the ~40 (each a fresh tensor) that autograd records for fvcore's ``sigmoid_focal_loss``
+    (same values: tests/test_losses.py), and the backward keeps one tensor instead of several.
+    The authors' CUDA ``SigmoidFocalLoss`` kernel computes the same closed-form gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, labels: Tensor, alpha: float, gamma: float) -> Tensor:
+        num_classes = logits.shape[-1]
+        # Each location has at most one positive class: its logit is read and written through
+        # one (N, L, 1) index; background rows (label C) point at class C - 1 and keep their sign.
+        is_fg = (labels < num_classes).unsqueeze(-1)
+        index = labels.clamp(max=num_classes - 1).unsqueeze(-1)
+        z = logits.to(torch.float32, copy=True)
+        at_index = z.gather(-1, index)
+        z.scatter_(-1, index, torch.where(is_fg, -at_index, at_index))
+        q = torch.sigmoid(z)
+        # softplus(z) = max(z, 0) + log(1 + exp(-|z|)): ATen's softplus and log1p do not
+        # vectorise on CPUs (10 ms here for 1M logits, against 3 ms). Where exp(-|z|) < 6e-8 the
+        # log rounds to 0, an absolute error below 6e-8 that focal weighting then shrinks.
+        softplus = z.abs().neg_().exp_().add_(1.0).log_().add_(z.clamp_(min=0))
+        q_gamma = q * q if gamma == 2.0 else q.pow(gamma)
+        # alpha < 0 turns the class weighting off, as in fvcore.
+        alpha_pos, alpha_neg = (alpha, 1.0 - alpha) if alpha >= 0 else (1.0, 1.0)
+        at_positives = (q_gamma.gather(-1, index) * softplus.gather(-1, index) * is_fg).sum()
+        loss = alpha_neg * torch.dot(q_gamma.flatten(), softplus.flatten())
+        loss = loss + (alpha_pos - alpha_neg) * at_positives
+        if ctx.needs_input_grad[0]:
+            # dL/dz without alpha_t, in z's buffer: q^gamma * (gamma * (1 - q) * softplus + q).
+            grad = torch.sub(q, 1.0, out=z).mul_(softplus).mul_(-gamma).add_(q).mul_(q_gamma)
+            # times s * alpha_t: alpha_neg everywhere, -alpha_pos at the positives.
+            at_index = grad.gather(-1, index)
+            grad.mul_(alpha_neg)
+            grad.scatter_(
+                -1, index, torch.where(is_fg, -alpha_pos * at_index, alpha_neg * at_index)
+            )
+            ctx.save_for_backward(grad.to(logits.dtype))
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output: Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output.to(grad.dtype), None, None, None
+
+
+def sigmoid_focal_loss_sum(
+    logits: Tensor, labels: Tensor, alpha: float = 0.25, gamma: float = 2.0
+) -> Tensor:
+    """Sum over all locations and classes of the sigmoid focal loss (FCOS eq. (2), first term).
+
+    Args:
+        logits: (..., C) class logits; labels: (...) integer labels in [0, C], C = background.
+    Returns:
+        a float32 scalar, equal to fvcore's ``sigmoid_focal_loss(logits, one_hot(labels),
+        alpha, gamma, reduction="sum")``.
+    """
+    return _SigmoidFocalLossSum.apply(logits, labels, alpha, gamma)
 
 
 def _mean_over_workers(value: Tensor) -> Tensor:
@@ -125,13 +190,8 @@ class FCOSLoss:
         num_pos = _mean_over_workers(is_fg.sum().to(box_reg.dtype))
         num_pos_avg = num_pos.clamp(min=1.0)
 
-        gt_onehot = F.one_hot(targets.labels, self.num_classes + 1)[..., : self.num_classes]
-        loss_cls = sigmoid_focal_loss_jit(
-            cls_logits,
-            gt_onehot.to(cls_logits.dtype),
-            alpha=self.focal_alpha,
-            gamma=self.focal_gamma,
-            reduction="sum",
+        loss_cls = sigmoid_focal_loss_sum(
+            cls_logits, targets.labels, alpha=self.focal_alpha, gamma=self.focal_gamma
         )
         loss_cls = loss_cls / self._cls_normalizer(num_pos_avg, is_fg)
 
