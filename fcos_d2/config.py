@@ -119,9 +119,10 @@ def _add_solver_keys(cfg: CN) -> None:
     # ours: mixed-precision inference (DefaultPredictor, demo.py, evaluation): float16 on CUDA,
     # bfloat16 on CPUs by SOLVER.AMP.CPU_BF16. Off by default: it changes AP slightly (README).
     cfg.TEST.AMP = CN({"ENABLED": False})
-    # ours: channels-last (NHWC) memory format for the FCOS detector's weights and inputs, which
-    # oneDNN convolutions on CPUs run faster (README, "Speed").
-    cfg.MODEL.CHANNELS_LAST = False
+    # ours: channels-last (NHWC) memory format for the FCOS detector's weights and inputs. None
+    # (default): NHWC on x86-64 CPUs, where oneDNN runs it faster (README, "Speed"), NCHW
+    # elsewhere (CUDA: not measured); True / False force it (fcos_d2/modeling/fcos.py).
+    cfg.MODEL.CHANNELS_LAST = None
 
 
 def _add_dataset_keys(cfg: CN) -> None:

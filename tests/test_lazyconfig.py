@@ -16,6 +16,7 @@ from fcos_d2.data.augmentation import build_train_mapper
 from fcos_d2.data.builtin import register_shapes
 from fcos_d2.engine import Trainer, build_cfg
 from fcos_d2.lazy_engine import check_model_classes, main
+from fcos_d2.modeling.fcos import channels_last_for
 
 TWINS = [
     ("configs/LazyConfig/fcos_R_18_shapes.py", "configs/quickstart/FCOS_R_18_shapes.yaml"),
@@ -47,8 +48,11 @@ def augmentations(mapper: DatasetMapper) -> list:
 
 @pytest.mark.parametrize("lazy_file, yaml_file", TWIN_MODELS)
 def test_lazy_config_builds_the_yaml_model(lazy_file, yaml_file):
-    lazy = instantiate(LazyConfig.load(config_path(lazy_file)).model)
+    lazy_cfg = LazyConfig.load(config_path(lazy_file))
+    lazy_cfg.train.device = "cpu"
+    lazy = instantiate(lazy_cfg.model)
     yaml = build_model(build_cfg(config_path(yaml_file), ["MODEL.DEVICE", "cpu"]))
+    assert lazy.channels_last == yaml.channels_last
     assert sum(p.numel() for p in lazy.parameters()) == sum(p.numel() for p in yaml.parameters())
     shapes = [(k, v.shape) for k, v in lazy.state_dict().items()]
     assert shapes == [(k, v.shape) for k, v in yaml.state_dict().items()]
@@ -129,7 +133,11 @@ def test_lazy_config_has_the_yaml_training_recipe(lazy_file, yaml_file):
     assert lazy.train.eval_period == cfg.TEST.EVAL_PERIOD
     assert lazy.train.amp.enabled == cfg.SOLVER.AMP.ENABLED
     assert lazy.train.amp.get("cpu_bf16", "auto") == cfg.SOLVER.AMP.CPU_BF16
-    assert lazy.model.get("channels_last", False) == cfg.MODEL.CHANNELS_LAST
+    lazy.train.device = cfg.MODEL.DEVICE
+    lazy_channels_last = lazy.model.get("channels_last", False)
+    if not isinstance(lazy_channels_last, bool):  # a LazyCall of channels_last_for
+        lazy_channels_last = instantiate(lazy_channels_last)
+    assert lazy_channels_last == channels_last_for(cfg.MODEL.CHANNELS_LAST, cfg.MODEL.DEVICE)
     assert lazy.train.get("seed", -1) == cfg.SEED
 
 

@@ -98,3 +98,21 @@ def test_channels_last_changes_memory_format_not_outputs(tiny_cfg):
     torch.testing.assert_close(
         results[True].pred_boxes.tensor, results[False].pred_boxes.tensor, rtol=1e-4, atol=1e-3
     )
+
+
+def test_channels_last_default_is_nhwc_on_x86_cpus_only(monkeypatch):
+    from fcos_d2.checks import ConfigError
+    from fcos_d2.modeling import fcos
+
+    for machine, expected in (("x86_64", True), ("AMD64", True), ("arm64", False)):
+        monkeypatch.setattr(fcos.platform, "machine", lambda m=machine: m)
+        assert fcos.channels_last_for(None, "cpu") is expected, machine
+        assert fcos.channels_last_for(None, "cuda") is False
+        assert fcos.channels_last_for(None, "cuda:1") is False
+        assert fcos.channels_last_for(True, "cuda") is True
+        assert fcos.channels_last_for(False, "cpu") is False
+    monkeypatch.setattr(fcos.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(fcos.torch.backends.mkldnn, "is_available", lambda: False)
+    assert fcos.channels_last_for(None, "cpu") is False
+    with pytest.raises(ConfigError, match="MODEL.CHANNELS_LAST must be one of .*'yes'"):
+        fcos.channels_last_for("yes", "cpu")

@@ -5,11 +5,16 @@ Detectron2's own configs/COCO-Detection/fcos_R_50_FPN_1x.py trains its FCOS mult
 keeps the authors' single-scale 800 px recipe.
 """
 
+from detectron2.config import LazyCall as L
 from detectron2.model_zoo import get_config
+
+from fcos_d2.modeling.fcos import channels_last_for
 
 from .common.fcos import model
 
 model.backbone.bottom_up.freeze_at = 2  # MODEL.BACKBONE.FREEZE_AT: stem and res2 frozen
+# MODEL.CHANNELS_LAST None: NHWC on x86-64 CPUs, NCHW on CUDA.
+model.channels_last = L(channels_last_for)(setting=None, device="${...train.device}")
 
 dataloader = get_config("common/data/coco.py").dataloader
 dataloader.train.mapper.use_instance_mask = False

@@ -7,6 +7,8 @@ augmentation, export, the analyses) reuse it piece by piece.
 """
 
 import contextlib
+import platform
+from typing import Optional
 
 import torch
 from detectron2.config import configurable
@@ -18,11 +20,28 @@ from detectron2.utils.events import get_event_storage
 from torch import Tensor
 
 from ..checkpoint import register_adelaidet_loading
-from ..checks import check_that
+from ..checks import check_choice, check_that
 from ..config import check_authors_keys
 from ..precision import autocast_dtype
 from .core import FCOSCore
 from .head import FCOSHead, FCOSHeadOutputs
+
+
+def channels_last_for(setting: Optional[bool], device: str) -> bool:
+    """Whether ``MODEL.CHANNELS_LAST`` means channels-last on ``device``.
+
+    True and False are kept; None picks NHWC where it was measured faster: x86-64 CPUs, whose
+    oneDNN convolutions read NCHW through a reorder to a blocked layout and NHWC directly
+    (R-50-FPN inference 0.8x, training step 0.93x the time). CUDA stays NCHW until measured there.
+    """
+    check_choice(setting, (None, True, False), "MODEL.CHANNELS_LAST", "channels_last_for setting")
+    if setting is not None:
+        return bool(setting)
+    return (
+        torch.device(device).type == "cpu"
+        and platform.machine().lower() in ("x86_64", "amd64")
+        and torch.backends.mkldnn.is_available()
+    )
 
 
 @META_ARCH_REGISTRY.register()
@@ -95,7 +114,7 @@ class FCOS(DenseDetector):
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "inference_mixed_precision": cfg.TEST.AMP.ENABLED,
             "cpu_bf16": cfg.SOLVER.AMP.CPU_BF16,
-            "channels_last": cfg.MODEL.CHANNELS_LAST,
+            "channels_last": channels_last_for(cfg.MODEL.CHANNELS_LAST, cfg.MODEL.DEVICE),
         }
 
     @property
