@@ -23,7 +23,6 @@ definition (benchmarks/inputs.py), and the real default threshold 0.05.
 import argparse
 import copy
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -317,8 +316,7 @@ class Runner:
     def run(self, after_group=None) -> dict:
         """Runs the selected groups in order; ``after_group(benchmarks)`` after each."""
         if "train_memory" in self.args.only or "assign_loss_memory" in self.args.only:
-            self.fresh = memory.FreshProcesses()  # start its server before anything is timed
-            self.fresh(os.getpid)
+            self.fresh = memory.FreshProcesses()  # starts its server before anything is timed
         for group in GROUPS:
             if group in self.args.only:
                 print(f"{group}:", flush=True)
