@@ -123,6 +123,9 @@ def _add_solver_keys(cfg: CN) -> None:
     # (default): NHWC on x86-64 CPUs, where oneDNN runs it faster (README, "Speed"), NCHW
     # elsewhere (CUDA: not measured); True / False force it (fcos_d2/modeling/fcos.py).
     cfg.MODEL.CHANNELS_LAST = None
+    # ours: exponential moving average of the weights (fcos_d2/ema.py): evaluations during
+    # training use it and model_final.pth holds it. Off by default; the quickstart uses it.
+    cfg.MODEL_EMA = CN({"ENABLED": False, "DECAY": 0.999})
 
 
 def _add_dataset_keys(cfg: CN) -> None:

@@ -26,6 +26,7 @@ from .d2_compat import cpu_friendly_ddp, last_eval_results, use_cpu_autocast
 from .data.augmentation import build_train_mapper
 from .data.builtin import register_datasets_from_config
 from .data.user_datasets import check_training_data
+from .ema import EMAHook, ModelEMA, evaluate_with_average
 from .precision import autocast_dtype
 from .tta import build_tta_model
 
@@ -103,10 +104,23 @@ class Trainer(DefaultTrainer):
     def build_hooks(self) -> list:
         # DefaultTrainer made a DetectionCheckpointer just before: use ours (atomic saves, named
         # load errors) in the hooks and for resume_or_load.
+        checkpointables = dict(self.checkpointer.checkpointables)
+        self.ema = None
+        if self.cfg.MODEL_EMA.ENABLED:
+            self.ema = ModelEMA(self.model, self.cfg.MODEL_EMA.DECAY)
+            checkpointables["ema"] = self.ema
         self.checkpointer = FCOSCheckpointer(
-            self.checkpointer.model, self.cfg.OUTPUT_DIR, **self.checkpointer.checkpointables
+            self.checkpointer.model, self.cfg.OUTPUT_DIR, **checkpointables
         )
-        return super().build_hooks()
+        hook_list = super().build_hooks()
+        if self.ema is not None:
+            # After the LR scheduler, before the checkpointer and the evaluation.
+            scheduler = [isinstance(h, hooks.LRScheduler) for h in hook_list].index(True)
+            hook_list.insert(scheduler + 1, EMAHook(self.ema))
+            for hook in hook_list:
+                if isinstance(hook, hooks.EvalHook):
+                    hook._func = evaluate_with_average(self.ema, hook._func)
+        return hook_list
 
     @classmethod
     def build_optimizer(cls, cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimizer:

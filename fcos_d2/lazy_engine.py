@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .checkpoint import FCOSCheckpointer
 from .d2_compat import CPUAutocastTrainer
+from .ema import EMAHook, ModelEMA, evaluate_with_average
 from .engine import available_device, check_dataset_classes, share_cpu_threads
 from .modeling import FCOS
 from .precision import autocast_dtype
@@ -102,7 +103,12 @@ def do_train(args, cfg: DictConfig) -> dict[str, Any]:
     train_loader = instantiate(cfg.dataloader.train)
     model = wrap_ddp(cfg, model, **cfg.train.ddp)
     trainer = build_trainer(cfg, model, train_loader, optimizer)
-    checkpointer = FCOSCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+    # train.model_ema.{enabled, decay}: MODEL_EMA.* of the YAML configs (fcos_d2/ema.py).
+    ema = None
+    if OmegaConf.select(cfg, "train.model_ema.enabled", default=False):
+        ema = ModelEMA(model, OmegaConf.select(cfg, "train.model_ema.decay", default=0.999))
+    checkpointables = {"trainer": trainer, **({"ema": ema} if ema is not None else {})}
+    checkpointer = FCOSCheckpointer(model, cfg.train.output_dir, **checkpointables)
     last_results: dict[str, Any] = {}
 
     def test_and_keep_results() -> dict[str, Any]:
@@ -110,15 +116,20 @@ def do_train(args, cfg: DictConfig) -> dict[str, Any]:
         last_results.update(do_test(cfg, model))
         return last_results
 
+    evaluate = (
+        test_and_keep_results if ema is None else evaluate_with_average(ema, test_and_keep_results)
+    )
+
     main_process = comm.is_main_process()
     trainer.register_hooks(
         [
             hooks.IterationTimer(),
             hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
+            EMAHook(ema) if ema is not None else None,
             hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)
             if main_process
             else None,
-            hooks.EvalHook(cfg.train.eval_period, test_and_keep_results),
+            hooks.EvalHook(cfg.train.eval_period, evaluate),
             hooks.PeriodicWriter(
                 default_writers(cfg.train.output_dir, cfg.train.max_iter),
                 period=cfg.train.log_period,
