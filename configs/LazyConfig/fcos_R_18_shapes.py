@@ -70,15 +70,15 @@ optimizer.fused = True  # as the YAML path's AdamW: one kernel for all tensors (
 
 lr_multiplier = L(WarmupParamScheduler)(
     scheduler=L(MultiStepParamScheduler)(
-        values=[1.0, 0.1], milestones=[1260], num_updates="${...train.max_iter}"
+        values=[1.0, 0.1], milestones=[1350], num_updates="${...train.max_iter}"
     ),
-    warmup_length=100 / 1450,
+    warmup_length=100 / 1550,
     warmup_method="linear",
     warmup_factor=0.001,
 )
 
 train = get_config("common/train.py").train
-train.max_iter = 1450
+train.max_iter = 1550
 train.amp.enabled = True  # float16 AMP on CUDA, bfloat16 autocast on native-bfloat16 CPUs
 train.amp.cpu_bf16 = "auto"
 train.checkpointer.period = 500
