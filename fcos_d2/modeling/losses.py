@@ -83,14 +83,16 @@ class _SigmoidFocalLossSum(torch.autograd.Function):
             grad.scatter_(
                 -1, index, torch.where(is_fg, -alpha_pos * at_index, alpha_neg * at_index)
             )
-            ctx.save_for_backward(grad.to(logits.dtype))
+            # Kept in float32: under float16 AMP the loss scale multiplies it in backward.
+            ctx.save_for_backward(grad)
+            ctx.logits_dtype = logits.dtype
         return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output: Tensor):
         (grad,) = ctx.saved_tensors
-        return grad * grad_output.to(grad.dtype), None, None, None
+        return (grad * grad_output).to(ctx.logits_dtype), None, None, None
 
 
 def sigmoid_focal_loss_sum(
