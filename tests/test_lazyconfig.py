@@ -139,6 +139,7 @@ def test_lazy_config_has_the_yaml_training_recipe(lazy_file, yaml_file):
         lazy_channels_last = instantiate(lazy_channels_last)
     assert lazy_channels_last == channels_last_for(cfg.MODEL.CHANNELS_LAST, cfg.MODEL.DEVICE)
     assert lazy.train.get("seed", -1) == cfg.SEED
+    assert lazy.train.get("model_ema", {}).get("enabled", False) == cfg.MODEL_EMA.ENABLED
 
 
 def lazy_opts(tmp_path, max_iter: int) -> list:
@@ -181,6 +182,16 @@ def test_lazy_config_trains_evaluates_and_reloads(tmp_path):
     values = [line for line in done.stdout.splitlines() if "copypaste: " in line][-1]
     ap = float(values.split("copypaste: ")[1].split(",")[0])
     assert ap == pytest.approx(results["bbox"]["AP"], abs=1e-3)
+
+
+@pytest.mark.slow
+def test_lazy_training_with_a_moving_average_keeps_it(tmp_path):
+    config = config_path("configs/LazyConfig/fcos_R_18_shapes.py")
+    ema = ["train.model_ema.enabled=True", "train.model_ema.decay=0.9"]
+    main(args_for(lazy_opts(tmp_path, max_iter=3) + ema, config_file=config))
+    final = torch.load(tmp_path / "out" / "model_final.pth", weights_only=True)
+    assert final["ema"]["num_updates"] == 3 and final["ema"]["decay"] == 0.9
+    assert all(torch.equal(v, final["ema"]["state"][k]) for k, v in final["model"].items())
 
 
 def test_lazy_class_count_must_match_the_training_data():

@@ -30,9 +30,9 @@ from .head import FCOSHead, FCOSHeadOutputs
 def channels_last_for(setting: Optional[bool], device: str) -> bool:
     """Whether ``MODEL.CHANNELS_LAST`` means channels-last on ``device``.
 
-    True and False are kept; None picks NHWC where it was measured faster: x86-64 CPUs, whose
-    oneDNN convolutions read NCHW through a reorder to a blocked layout and NHWC directly
-    (R-50-FPN inference 0.8x, training step 0.93x the time). CUDA stays NCHW until measured there.
+    True and False are kept; None picks NHWC where it was measured faster: x86-64 CPUs, where
+    oneDNN runs the convolutions (R-50-FPN inference 0.8-0.9x the NCHW time, training step about
+    0.95x: README, "Speed"). CUDA and other CPUs stay NCHW until measured there.
     """
     check_choice(setting, (None, True, False), "MODEL.CHANNELS_LAST", "channels_last_for setting")
     if setting is not None:
