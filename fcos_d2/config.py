@@ -124,7 +124,8 @@ def _add_solver_keys(cfg: CN) -> None:
     # elsewhere (CUDA: not measured); True / False force it (fcos_d2/modeling/fcos.py).
     cfg.MODEL.CHANNELS_LAST = None
     # ours: exponential moving average of the weights (fcos_d2/ema.py): evaluations during
-    # training use it and model_final.pth holds it. Off by default; the quickstart uses it.
+    # training use it and model_final.pth holds it. Off by default (README: it did not help the
+    # quickstart's short schedule).
     cfg.MODEL_EMA = CN({"ENABLED": False, "DECAY": 0.999})
 
 

@@ -85,12 +85,13 @@ class ModelEMA:
         return {"state": self.state, "num_updates": self.num_updates, "decay": self.decay}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        missing = set(self.state) - set(state["state"])
+        missing = sorted(set(self.state) - set(state["state"]))
+        unexpected = sorted(set(state["state"]) - set(self.state))
         check_that(
-            not missing,
+            not missing and not unexpected,
             "the checkpoint's ema",
             "an average of this model's weights",
-            f"an average without {sorted(missing)[:5]}",
+            f"an average without {missing[:5]} and with {unexpected[:5]}",
             "ModelEMA.load_state_dict",
         )
         self.state = {k: v.to(self.state[k].device) for k, v in state["state"].items()}

@@ -60,8 +60,11 @@ def test_state_dict_round_trip_and_bad_values():
     restored.load_state_dict(ema.state_dict())
     assert restored.num_updates == 1
     assert restored.state["0.weight"].item() == 1.0
-    with pytest.raises(ConfigError, match="the checkpoint's ema must be an average of this"):
+    with pytest.raises(ConfigError, match=r"average of this .*without \['0.weight'"):
         restored.load_state_dict({"state": {}, "num_updates": 3})
+    extra = {**ema.state_dict()["state"], "head.weight": torch.zeros(1)}
+    with pytest.raises(ConfigError, match=r"average of this .*with \['head.weight'\]"):
+        restored.load_state_dict({"state": extra, "num_updates": 3})
     for decay in (1.0, -0.1):
         with pytest.raises(ConfigError, match=r"MODEL_EMA.DECAY must be in \[0, 1\)"):
             ModelEMA(model, decay)
