@@ -5,7 +5,7 @@
     python demo.py --config-file CFG --dataset shapes_val --max-images 8 --output out/ \
         MODEL.WEIGHTS w.pth
 
-Uses Detectron2's ``DefaultPredictor`` (through :class:`fcos_d2.predictor.FCOSPredictor`, which also
+Uses Detectron2's ``DefaultPredictor`` (through :class:`fcos_d2.inference.FCOSPredictor`, which also
 reads grayscale, RGBA, 16-bit and EXIF-rotated files) and ``Visualizer``.
 """
 
@@ -17,12 +17,12 @@ import cv2
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.utils.visualizer import Visualizer
 
-from fcos_d2.checks import exit_on_config_error
-from fcos_d2.cli import split_config_overrides
+from fcos_d2.checks import ConfigError
+from fcos_d2.cli import run_command, split_config_overrides
+from fcos_d2.config import build_cfg
 from fcos_d2.data.builtin import register_datasets_from_config
 from fcos_d2.data.images import ImageReadError, collect_image_files, read_image_bgr
-from fcos_d2.engine import build_cfg
-from fcos_d2.predictor import FCOSPredictor
+from fcos_d2.inference import FCOSPredictor
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -55,17 +55,14 @@ def main(argv=None) -> int:
     register_datasets_from_config(cfg)
     if args.dataset:
         if args.dataset not in DatasetCatalog.list():
-            raise SystemExit(
-                f"demo.py: dataset {args.dataset!r} is not registered: name one of "
+            raise ConfigError(
+                f"--dataset {args.dataset!r} is not registered: name one of "
                 "DATASETS.TRAIN/TEST, the shapes splits, or a DATASETS.COCO_JSON / VOC_DIR entry"
             )
         inputs = [Path(d["file_name"]) for d in DatasetCatalog.get(args.dataset)]
         metadata = MetadataCatalog.get(args.dataset)
     else:
-        try:
-            inputs = collect_image_files(args.input)
-        except ImageReadError as error:
-            raise SystemExit(f"demo.py: {error}") from None
+        inputs = collect_image_files(args.input)
         metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
     if args.max_images > 0:
         inputs = inputs[: args.max_images]
@@ -91,4 +88,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(exit_on_config_error("demo.py", main))
+    sys.exit(run_command("demo.py", main))

@@ -6,18 +6,23 @@ python lazyconfig_train_net.py --config-file CFG --eval-only train.init_checkpoi
 python lazyconfig_train_net.py --config-file CFG --num-gpus 2 train.max_iter=1000
 """
 
-from detectron2.engine import default_argument_parser, launch
+import sys
+from typing import Optional
 
-from fcos_d2.lazy_engine import main
+from fcos_d2.cli import training_command
+from fcos_d2.config import load_lazy_config
+from fcos_d2.engine.lazy import main as train_and_evaluate
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    return training_command(
+        "lazyconfig_train_net.py",
+        train_and_evaluate,
+        # The config's errors (missing file, bad override) before processes start.
+        check_config=lambda args: load_lazy_config(args.config_file, args.opts),
+        argv=argv,
+    )
+
 
 if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
-    print("Command Line Args:", args)
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    sys.exit(main())

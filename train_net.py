@@ -8,48 +8,33 @@ python train_net.py --config-file CFG --num-machines 2 --machine-rank 0 --dist-u
 """
 
 import sys
+from typing import Optional
 
-from detectron2.engine import default_argument_parser, launch
 from detectron2.evaluation import print_csv_format
-from detectron2.utils import comm
 
-from fcos_d2.checks import ConfigError, exit_on_config_error
-from fcos_d2.engine import build_cfg, main
-
-
-def run(args) -> None:
-    try:
-        results = main(args)
-    except ConfigError as error:
-        # In a worker process: say why once, then stop without a traceback.
-        if comm.is_main_process():
-            print(f"train_net.py: error: {error}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    if comm.is_main_process() and results:
-        # Trainer.test gives {task: metrics} for one test set, {dataset: {task: metrics}} for more.
-        one_dataset = all(
-            not isinstance(v, dict) for task in results.values() for v in task.values()
-        )
-        for dataset, tasks in ({"": results} if one_dataset else results).items():
-            print(f"Final evaluation {dataset}:".replace(" :", ":"), flush=True)
-            print_csv_format(tasks)
+from fcos_d2.cli import training_command
+from fcos_d2.config import build_cfg
+from fcos_d2.engine import main as train_and_evaluate
 
 
-def cli() -> int:
-    args = default_argument_parser().parse_args()
-    print("Command Line Args:", args)
-    # The config's own errors (missing file, unknown key, wrong type) before processes start.
-    build_cfg(args.config_file, args.opts)
-    launch(
-        run,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
+def print_results(results: dict) -> None:
+    # Trainer.test gives {task: metrics} for one test set, {dataset: {task: metrics}} for more.
+    one_dataset = all(not isinstance(v, dict) for task in results.values() for v in task.values())
+    for dataset, tasks in ({"": results} if one_dataset else results).items():
+        print(f"Final evaluation {dataset}:".replace(" :", ":"), flush=True)
+        print_csv_format(tasks)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    return training_command(
+        "train_net.py",
+        train_and_evaluate,
+        # The config's errors (missing file, unknown key, wrong type) before processes start.
+        check_config=lambda args: build_cfg(args.config_file, args.opts),
+        report=print_results,
+        argv=argv,
     )
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(exit_on_config_error("train_net.py", cli))
+    sys.exit(main())

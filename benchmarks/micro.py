@@ -20,7 +20,7 @@ import torch  # noqa: E402
 
 from benchmarks.inputs import candidate_dense_outputs, random_batch, random_dense_outputs  # noqa: E402
 from benchmarks.models import TestSettings, build_detector  # noqa: E402
-from benchmarks.workloads import _empty_features, _gt_instances  # noqa: E402
+from benchmarks.workloads import empty_features, gt_instances_of  # noqa: E402
 
 
 def measure(function, repeats: int) -> float:
@@ -36,8 +36,8 @@ def measure(function, repeats: int) -> float:
 
 def assign_cases(ours, theirs, size, boxes):
     outputs = random_dense_outputs(*size)
-    features = _empty_features(outputs)
-    gt = _gt_instances(random_batch(*size, boxes))
+    features = empty_features(outputs)
+    gt = gt_instances_of(random_batch(*size, boxes))
     core, model = ours.model.core, theirs.model
     # Locations and grid sizes are computed once, as D2's anchors are: only assignment is timed.
     locations, grid_sizes = core.locations(features), [f.shape[-2:] for f in features]
@@ -52,8 +52,8 @@ def loss_cases(ours, theirs, size, boxes):
     from fcos_d2.modeling.core import flatten_predictions
 
     outputs = random_dense_outputs(*size)
-    features = _empty_features(outputs)
-    gt = _gt_instances(random_batch(*size, boxes))
+    features = empty_features(outputs)
+    gt = gt_instances_of(random_batch(*size, boxes))
     core, model = ours.model.core, theirs.model
     targets = core.targets(features, gt)
     anchors = model.anchor_generator(features)

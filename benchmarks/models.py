@@ -137,7 +137,7 @@ class ShapesOnlyBackbone(Backbone):
 def build_fcos_d2(settings: TestSettings, network: bool) -> nn.Module:
     from detectron2.modeling import build_model
 
-    from fcos_d2.engine import build_cfg
+    from fcos_d2.config import build_cfg
     from fcos_d2.modeling import FCOS, FCOSCore, FCOSHead
 
     cfg = build_cfg(
@@ -187,16 +187,19 @@ def build_torchvision_fcos(settings: TestSettings, network: bool) -> nn.Module:
     ``fcos_resnet50_fpn(weights=None, weights_backbone=None)`` would switch to trainable
     BatchNorm in all 5 stages, a different (and slower) network from the one users train.
     """
-    from torchvision.models import resnet50
     from torchvision.models.detection import FCOS
-    from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
     from torchvision.ops import FrozenBatchNorm2d
     from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
     if network:
-        backbone = resnet50(weights=None, norm_layer=FrozenBatchNorm2d)
-        backbone = _resnet_fpn_extractor(
-            backbone, 3, returned_layers=[2, 3, 4], extra_blocks=LastLevelP6P7(256, 256)
+        backbone = resnet_fpn_backbone(
+            backbone_name="resnet50",
+            weights=None,
+            norm_layer=FrozenBatchNorm2d,
+            trainable_layers=3,
+            returned_layers=[2, 3, 4],
+            extra_blocks=LastLevelP6P7(256, 256),
         )
     else:
         backbone = ShapesOnlyBackbone()

@@ -97,12 +97,12 @@ def training_workload(detector: Detector, batch: Batch) -> Workload:
 # Target assignment + loss, and post-processing, on given dense outputs ------------------------
 
 
-def _empty_features(outputs: DenseOutputs) -> list[Tensor]:
+def empty_features(outputs: DenseOutputs) -> list[Tensor]:
     """Stand-ins for the FPN features: only their shapes and device are read."""
     return [x.new_empty((x.shape[0], 0, *x.shape[-2:])) for x in outputs.cls_logits]
 
 
-def _gt_instances(batch: Batch):
+def gt_instances_of(batch: Batch):
     from detectron2.structures import Boxes, Instances
 
     return [
@@ -120,7 +120,7 @@ def _flatten(per_level: list[Tensor], channels: int) -> Tensor:
 def _torchvision_anchors(model, outputs: DenseOutputs, image_size: tuple[int, int]):
     from torchvision.models.detection.image_list import ImageList
 
-    features = _empty_features(outputs)
+    features = empty_features(outputs)
     num_images = features[0].shape[0]
     images = ImageList(
         features[0].new_empty((num_images, 0, *image_size)), [image_size] * num_images
@@ -133,7 +133,7 @@ def assign_loss_workload(detector: Detector, outputs: DenseOutputs, batch: Batch
     those outputs; flattening the outputs and making the locations / anchors are included."""
     device = outputs.cls_logits[0].device
     batch = batch.to(device)
-    features = _empty_features(outputs)
+    features = empty_features(outputs)
 
     def fresh():
         return (outputs.clone(requires_grad=True),)
@@ -141,7 +141,7 @@ def assign_loss_workload(detector: Detector, outputs: DenseOutputs, batch: Batch
     if detector.name == "fcos_d2":
         from fcos_d2.modeling.head import FCOSHeadOutputs
 
-        core, gt = detector.model.core, _gt_instances(batch)
+        core, gt = detector.model.core, gt_instances_of(batch)
 
         def run(dense: DenseOutputs):
             predictions = FCOSHeadOutputs(dense.cls_logits, dense.box_reg, dense.ctrness)
@@ -151,7 +151,7 @@ def assign_loss_workload(detector: Detector, outputs: DenseOutputs, batch: Batch
     elif detector.name == "d2_fcos":
         from detectron2.utils.events import EventStorage
 
-        model, gt = detector.model, _gt_instances(batch)
+        model, gt = detector.model, gt_instances_of(batch)
 
         def run(dense: DenseOutputs):
             logits, deltas, ctrness = model._transpose_dense_predictions(
@@ -188,7 +188,7 @@ def postprocess_workload(
     """Scores, thresholding, per-level top-k, box decoding, NMS from per-level NCHW outputs, in
     eval mode without autograd, with ``settings`` (the detector itself keeps its own); returns the
     number of detections."""
-    features = _empty_features(outputs)
+    features = empty_features(outputs)
     num_images = features[0].shape[0]
     image_sizes = [image_size] * num_images
 

@@ -4,14 +4,14 @@ Messages start with the yacs key (``MODEL.FCOS.NORM must be one of ...``), becau
 values in YAML files, and end with the constructor argument it arrived as, for LazyConfig users.
 """
 
-import sys
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 from typing import Any
 
 
 class ConfigError(ValueError):
-    """A value from the user's config or command line that fcos_d2 cannot use; entry points print
-    its message without a traceback."""
+    """Input that fcos_d2 cannot use: a config key or value, a command-line argument, or a file
+    the user named. Every command prints its message in one line and exits with status 2
+    (:func:`fcos_d2.cli.run_command`)."""
 
 
 def fail(key: str, requirement: str, value: Any, where: str = "", verb: str = "must be") -> None:
@@ -32,13 +32,3 @@ def check_that(
     """``condition`` must hold; otherwise report ``value`` against ``requirement``."""
     if not condition:
         fail(key, requirement, value, where, verb)
-
-
-def exit_on_config_error(program: str, main: Callable[[], int]) -> int:
-    """Run a command-line ``main``; a :class:`ConfigError` prints ``program: error: message`` and
-    gives exit status 2 (as argparse does for bad arguments) instead of a traceback."""
-    try:
-        return main()
-    except ConfigError as error:
-        print(f"{program}: error: {error}", file=sys.stderr)
-        return 2

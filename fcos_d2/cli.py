@@ -1,15 +1,87 @@
-"""Command-line helpers shared by ``demo.py`` and ``python -m fcos_d2.export``."""
+"""What every command-line entry point shares: one way to report bad input, the launcher of the
+two training scripts, and the split of image lists from config overrides.
 
+Every command reports a :class:`~fcos_d2.checks.ConfigError` (a bad config key or value, a missing
+or unreadable file, a bad argument) as one line, ``PROGRAM: error: MESSAGE``, and exits with
+status 2, as argparse does for bad arguments; no traceback.
+"""
+
+import sys
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
+from typing import Any, Optional
+
+from detectron2.config import get_cfg
+from detectron2.engine import default_argument_parser, launch
+from detectron2.utils import comm
+
+from .checks import ConfigError
+from .config import add_fcos_config
+
+USAGE_ERROR = 2
+
+
+def report_error(program: str, error: ConfigError) -> int:
+    """Print ``program: error: message`` to stderr; the exit status for it."""
+    print(f"{program}: error: {error}", file=sys.stderr, flush=True)
+    return USAGE_ERROR
+
+
+def run_command(program: str, main: Callable[[], int]) -> int:
+    """Run a command's ``main``; a :class:`ConfigError` is reported as one line with status 2."""
+    try:
+        return main()
+    except ConfigError as error:
+        return report_error(program, error)
+
+
+def _worker(program: str, main: Callable[[Any], Any], report: Optional[Callable], args) -> None:
+    try:
+        results = main(args)
+    except ConfigError as error:
+        if comm.get_world_size() == 1:
+            raise  # launch ran main in this process: run_command reports it
+        # In each worker process: say why once (the main process), then stop without a traceback.
+        if comm.is_main_process():
+            report_error(program, error)
+        sys.exit(USAGE_ERROR)
+    if comm.is_main_process() and results and report is not None:
+        report(results)
+
+
+def training_command(
+    program: str,
+    main: Callable[[Any], Any],
+    check_config: Callable[[Any], Any],
+    report: Optional[Callable[[Any], None]] = None,
+    argv: Optional[list[str]] = None,
+) -> int:
+    """The body of ``train_net.py`` and ``lazyconfig_train_net.py``: Detectron2's arguments,
+    ``check_config(args)`` before any process starts (its errors are reported once, not by every
+    worker), then ``main(args)`` in each process that Detectron2's ``launch`` starts;
+    ``report(results)`` in the main process. ``argv``: the arguments (default: the command line).
+    """
+
+    def body() -> int:
+        args = default_argument_parser().parse_args(argv)
+        print("Command Line Args:", args)
+        check_config(args)
+        launch(
+            _worker,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(program, main, report, args),
+        )
+        return 0
+
+    return run_command(program, body)
 
 
 @lru_cache(maxsize=1)
 def _top_level_keys() -> frozenset:
-    from detectron2.config import get_cfg
-
-    from .config import add_fcos_config
-
     return frozenset(add_fcos_config(get_cfg()).keys())
 
 

@@ -5,8 +5,8 @@
 
 ``--from fcos``: the original release (tianzhi0549/FCOS, maskrcnn-benchmark names, ``module.``
 prefix); its FrozenBatchNorm statistics are rewritten for Detectron2's eps (see
-:func:`fcos_d2.checkpoint.frozen_bn_var_for_detectron2`). ``--from adelaidet``: AdelaiDet files
-also load directly through ``MODEL.WEIGHTS``; converting gives a file with our names.
+:func:`fcos_d2.formats.fcos_release.frozen_bn_var_for_detectron2`). ``--from adelaidet``:
+AdelaiDet files also load directly through ``MODEL.WEIGHTS``; converting gives our names.
 
 The output is ``{"model": state_dict, "__author__": ..., "matching_heuristics": False}``: a
 ``.pth`` (torch.save) or, if OUT ends in ``.pkl``, Detectron2's model-zoo pickle of numpy arrays.
@@ -27,7 +27,9 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from .checkpoint import (
+from .checks import ConfigError
+from .cli import run_command
+from .formats import (
     REFUSED_GLOBAL,
     adelaidet_key_to_ours,
     fcos_key_to_ours,
@@ -47,7 +49,7 @@ _AUTHOR = {
 }
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ConfigError):
     """Input that is not a usable checkpoint; the message names the file."""
 
 
@@ -210,15 +212,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The command; bad input is reported as one line with exit status 2."""
+    return run_command("python -m fcos_d2.convert", lambda: convert(argv))
+
+
+def convert(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     if os.path.abspath(args.input) == os.path.abspath(args.output):
-        print(f"error: OUT must differ from IN ({args.input})", file=sys.stderr)
-        return 2
-    try:
-        state, extras = read_checkpoint(args.input, unsafe=args.unsafe_load)
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise ConfigError(f"OUT must differ from IN ({args.input})")
+    state, extras = read_checkpoint(args.input, unsafe=args.unsafe_load)
     converted, unmapped, adjusted = convert_state_dict(state, args.source)
     if extras:
         print(f"dropped top-level entries (not weights): {', '.join(extras)}")
@@ -239,8 +241,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
     out_dir = os.path.dirname(os.path.abspath(args.output))
     if not os.path.isdir(out_dir):
-        print(f"error: the folder of OUT does not exist ({out_dir})", file=sys.stderr)
-        return 2
+        raise ConfigError(f"the folder of OUT does not exist ({out_dir})")
     write_checkpoint(converted, args.output, _AUTHOR[args.source])
     print(f"wrote {args.output}")
     return 0

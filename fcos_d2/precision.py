@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from . import d2_compat
 from .checks import check_choice
 
 logger = logging.getLogger(__name__)
@@ -23,9 +24,8 @@ _reported: set = set()
 
 
 def cpu_has_native_bf16() -> bool:
-    """True where the CPU has AVX512-BF16 or AMX tiles (torch's own checks)."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+    """True where the CPU has AVX512-BF16 or AMX tiles."""
+    return d2_compat.cpu_has_native_bf16()
 
 
 def autocast_dtype(

@@ -4,7 +4,7 @@ import os
 
 import pytest
 import torch
-from helpers import config_path, shrink
+from helpers import config_path, fresh_cfg, shrink
 
 # Two cores on CI: more threads only oversubscribe.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -13,14 +13,7 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 @pytest.fixture
 def cfg():
     """A fresh Detectron2 config with the fcos_d2 keys, on the CPU, with random initialisation."""
-    from detectron2.config import get_cfg
-
-    from fcos_d2 import add_fcos_config
-
-    config = add_fcos_config(get_cfg())
-    config.MODEL.DEVICE = "cpu"
-    config.MODEL.WEIGHTS = ""
-    return config
+    return fresh_cfg()
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 import argparse
 import atexit
+import json
 import os
 import shutil
 import subprocess
@@ -28,7 +29,47 @@ def run_python(*args: str, cwd: Path = REPO, timeout: int = 600) -> subprocess.C
     )
 
 
+def load_script(name: str):
+    """A repository script (``train_net.py``, ``demo.py``...) as a module, to call its ``main``
+    in the test process."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(Path(name).stem, REPO / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def drop_closed_log_handlers() -> None:
+    """Detectron2 sets up its loggers once per process, on the sys.stdout of that moment: under
+    pytest's capsys, a stream closed since. Drop those handlers before capturing again."""
+    import logging
+
+    for logger in list(logging.Logger.manager.loggerDict.values()):
+        if isinstance(logger, logging.Logger):
+            logger.handlers = [
+                h for h in logger.handlers if not getattr(getattr(h, "stream", None), "closed", 0)
+            ]
+
+
 _SHAPES_ROOT: Optional[Path] = None
+
+
+def fresh_cfg():
+    """A Detectron2 config with the fcos_d2 keys, on the CPU, with random initialisation."""
+    from detectron2.config import get_cfg
+
+    from fcos_d2 import add_fcos_config
+
+    config = add_fcos_config(get_cfg())
+    config.MODEL.DEVICE = "cpu"
+    config.MODEL.WEIGHTS = ""
+    return config
+
+
+def read_metrics(output_dir: Path) -> list:
+    """The records of a training run's ``metrics.json``."""
+    return [json.loads(line) for line in (output_dir / "metrics.json").read_text().splitlines()]
 
 
 def config_path(relative: str) -> str:

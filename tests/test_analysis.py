@@ -95,7 +95,7 @@ def test_retinanet_matching_rules_on_crafted_boxes():
     )
     # 9 anchors per location on P3-P7 of a 256x256 input: 9 * (32^2 + 16^2 + 8^2 + 4^2 + 2^2).
     assert retinanet_assignment_stats(images, "iou>=0.5").summary()["samples_per_image"] == 9 * 1364
-    with pytest.raises(ValueError, match="unknown RetinaNet matching rule"):
+    with pytest.raises(ValueError, match="RetinaNet matching rule must be one of"):
         retinanet_assignment_stats(images, "iou>=0.3")
 
 

@@ -7,9 +7,9 @@ from detectron2.data import transforms as T
 from helpers import QUICKSTART, shapes_root
 
 from fcos_d2.checks import ConfigError
+from fcos_d2.config import build_cfg
 from fcos_d2.data.augmentation import ResizeShortestEdgePerBatch, build_train_mapper
 from fcos_d2.data.builtin import register_datasets_from_config
-from fcos_d2.engine import build_cfg
 
 SIZES = (160, 192, 224, 256)
 

@@ -7,11 +7,9 @@ tianzhi0549/FCOS@a773f128 (configs/fcos/*.yaml, fcos_core/config/defaults.py).
 
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
-from helpers import config_path, synthetic_image
+from helpers import config_path, fresh_cfg, synthetic_image
 
-from fcos_d2 import add_fcos_config
 from fcos_d2.engine import Trainer
 
 AUTHORS_FILES = {
@@ -91,12 +89,6 @@ OUR_FILES = {
     ),
 }
 MASKRCNN_BENCHMARK_PIXEL_MEAN = [102.9801, 115.9465, 122.7717]
-
-
-def fresh_cfg():
-    cfg = add_fcos_config(get_cfg())
-    cfg.MODEL.DEVICE = "cpu"
-    return cfg
 
 
 def write_authors_files(folder, as_a_user_fixes_them: bool):
@@ -271,12 +263,18 @@ INPUT:
 
 
 def test_adelaidet_only_keys_merge_where_they_have_no_effect(tiny_cfg, tmp_path):
+    def layout(cfg):
+        torch.manual_seed(0)
+        return {k: (v.shape, v.sum().item()) for k, v in build_model(cfg).state_dict().items()}
+
+    plain = layout(tiny_cfg)
     path = tmp_path / "dumped.yaml"
     path.write_text(ADELAIDET_EXTRA_KEYS)
     tiny_cfg.merge_from_file(str(path))
-    build_model(tiny_cfg)
+    assert tiny_cfg.INPUT.CROP.CROP_INSTANCE is True and tiny_cfg.MODEL.FCOS.USE_RELU is False
+    assert layout(tiny_cfg) == plain
     tiny_cfg.INPUT.HFLIP_TRAIN, tiny_cfg.INPUT.RANDOM_FLIP = False, "none"
-    build_model(tiny_cfg)
+    assert layout(tiny_cfg) == plain
 
 
 @pytest.mark.parametrize(

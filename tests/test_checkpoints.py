@@ -17,22 +17,14 @@ import numpy as np
 import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.engine import DefaultPredictor
 from detectron2.modeling import build_model
-from helpers import config_path, shrink, synthetic_image
+from helpers import config_path, fresh_cfg, shrink, synthetic_image
 
-from fcos_d2 import add_fcos_config
-from fcos_d2.checkpoint import adelaidet_key_to_ours, fcos_key_to_ours, frozen_bn_var_for_detectron2
 from fcos_d2.convert import main as convert
+from fcos_d2.formats import adelaidet_key_to_ours, fcos_key_to_ours, frozen_bn_var_for_detectron2
 
 EPS = 1e-5  # Detectron2's FrozenBatchNorm2d eps; maskrcnn-benchmark's has none
-
-
-def fresh_cfg():
-    cfg = add_fcos_config(get_cfg())
-    cfg.MODEL.DEVICE = "cpu"
-    return cfg
 
 
 def small_cfg(backbone_norm="BN", num_classes=3):
@@ -513,7 +505,8 @@ def test_train_net_fine_tuning_and_eval_only_from_adelaidet_weights(tmp_path):
     training) and --eval-only, fed an AdelaiDet-layout file of a quickstart model."""
     from helpers import QUICKSTART, args_for, tiny_opts
 
-    from fcos_d2.engine import Trainer, build_cfg, main, setup
+    from fcos_d2.config import build_cfg
+    from fcos_d2.engine import Trainer, main, setup
 
     opts = tiny_opts(tmp_path, max_iter=4, **{"MODEL.FCOS.INFERENCE_TH_TEST": 0.0})
     source = randomized_model(build_cfg(QUICKSTART, opts + ["MODEL.WEIGHTS", ""]))

@@ -6,8 +6,8 @@ from helpers import args_for, tiny_opts
 from torch import nn
 
 from fcos_d2.checks import ConfigError
-from fcos_d2.ema import ModelEMA
 from fcos_d2.engine import Trainer, main, setup
+from fcos_d2.engine.ema import ModelEMA
 
 
 def _model(weight: float) -> nn.Module:

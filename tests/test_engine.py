@@ -11,13 +11,11 @@ import pytest
 import torch
 from detectron2.engine import DefaultPredictor, launch
 from detectron2.utils import comm
-from helpers import QUICKSTART, REPO, args_for, run_python, tiny_opts
+from helpers import QUICKSTART, REPO, args_for, read_metrics, run_python, tiny_opts
 
-from fcos_d2.engine import Trainer, build_cfg, main, setup
-
-
-def read_metrics(output_dir: Path) -> list:
-    return [json.loads(line) for line in (output_dir / "metrics.json").read_text().splitlines()]
+from fcos_d2.config import build_cfg
+from fcos_d2.d2_compat import step_runner
+from fcos_d2.engine import Trainer, main, setup
 
 
 @pytest.mark.slow
@@ -151,7 +149,7 @@ def test_default_predictor_and_demo(tmp_path):
 
 @pytest.mark.slow
 def test_cpu_amp_trains_in_bfloat16_with_float32_weights(tmp_path):
-    from fcos_d2.d2_compat import CPUAutocastTrainer
+    from fcos_d2.engine.runtime import CPUAutocastTrainer
 
     opts = tiny_opts(
         tmp_path,
@@ -166,7 +164,7 @@ def test_cpu_amp_trains_in_bfloat16_with_float32_weights(tmp_path):
     )
     cfg = setup(args_for(opts))
     trainer = Trainer(cfg)
-    assert isinstance(trainer._trainer, CPUAutocastTrainer)
+    assert isinstance(step_runner(trainer), CPUAutocastTrainer)
     assert trainer.cfg.SOLVER.AMP.ENABLED
     seen = []
     hook = trainer.model.head.cls_logits.register_forward_hook(lambda m, i, o: seen.append(o.dtype))

@@ -9,21 +9,17 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
 import torch
-from helpers import QUICKSTART, REPO, args_for, tiny_opts
+from helpers import QUICKSTART, REPO, args_for, read_metrics, tiny_opts
 
 from fcos_d2.checkpoint import FCOSCheckpointer
-from fcos_d2.engine import Trainer, build_cfg, main, setup
+from fcos_d2.config import build_cfg
+from fcos_d2.engine import Trainer, main, setup
 from fcos_d2.modeling.core import FCOSCore
 
 pytestmark = pytest.mark.slow
-
-
-def read_metrics(output_dir: Path) -> list:
-    return [json.loads(line) for line in (output_dir / "metrics.json").read_text().splitlines()]
 
 
 def test_nan_loss_stops_with_the_iteration_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):

@@ -9,13 +9,16 @@ from detectron2.config import LazyConfig, instantiate
 from detectron2.data import DatasetMapper
 from detectron2.modeling import build_model
 from detectron2.solver import LRMultiplier, build_lr_scheduler
-from helpers import args_for, config_path, run_python, shapes_root, synthetic_image
+from helpers import args_for, config_path, run_python, shapes_root, synthetic_image, tiny_opts
 from omegaconf import ListConfig
 
+from fcos_d2.config import build_cfg
 from fcos_d2.data.augmentation import build_train_mapper
 from fcos_d2.data.builtin import register_shapes
-from fcos_d2.engine import Trainer, build_cfg
-from fcos_d2.lazy_engine import check_model_classes, main
+from fcos_d2.engine import Trainer
+from fcos_d2.engine import main as yacs_main
+from fcos_d2.engine.lazy import main, train_dataset_names
+from fcos_d2.engine.runtime import check_model_classes
 from fcos_d2.modeling.fcos import channels_last_for
 
 TWINS = [
@@ -182,6 +185,36 @@ def test_lazy_config_trains_evaluates_and_reloads(tmp_path):
     values = [line for line in done.stdout.splitlines() if "copypaste: " in line][-1]
     ap = float(values.split("copypaste: ")[1].split(",")[0])
     assert ap == pytest.approx(results["bbox"]["AP"], abs=1e-3)
+    # TTA and the oracle center-ness: the same numbers from both trainers on the same weights.
+    weights = str(out / "model_final.pth")
+    lazy_eval = lazy_opts(tmp_path, max_iter=3) + [f"train.init_checkpoint={weights}"]
+    yacs_eval = tiny_opts(tmp_path, 3, **{"MODEL.WEIGHTS": weights})
+    tta = ["test.aug.enabled=True", "test.aug.min_sizes=[96,128]", "test.aug.max_size=200"]
+    yacs_tta = ["TEST.AUG.ENABLED", "True", "TEST.AUG.MIN_SIZES", "(96,128)"]
+    yacs_tta += ["TEST.AUG.MAX_SIZE", "200"]
+    lazy_results = main(args_for(lazy_eval + tta, config_file=config, eval_only=True))
+    yacs_results = yacs_main(args_for(yacs_eval + yacs_tta, eval_only=True))
+    assert set(lazy_results) == set(yacs_results) == {"bbox", "bbox_TTA"}
+    for task in ("bbox", "bbox_TTA"):
+        assert lazy_results[task]["AP"] == pytest.approx(yacs_results[task]["AP"], abs=1e-6)
+    assert read_detections(out / "inference_TTA") != read_detections(out / "inference")
+    # The oracle scores with ground-truth center-ness: the same detections from both trainers,
+    # other scores than the model's own (AP alone cannot tell after 3 iterations).
+    plain = sorted(d["score"] for d in read_detections(out / "inference"))
+    main(
+        args_for(
+            lazy_eval + ["model.core.inference_quality=oracle"], config_file=config, eval_only=True
+        )
+    )
+    oracle_lazy = sorted(d["score"] for d in read_detections(out / "inference"))
+    yacs_main(args_for(yacs_eval + ["MODEL.FCOS.INFERENCE_QUALITY", "oracle"], eval_only=True))
+    oracle_yacs = sorted(d["score"] for d in read_detections(out / "inference" / "shapes_val"))
+    assert oracle_lazy == pytest.approx(oracle_yacs, abs=1e-6)
+    assert oracle_lazy != pytest.approx(plain, abs=1e-3)
+
+
+def read_detections(folder):
+    return json.loads((folder / "coco_instances_results.json").read_text())
 
 
 @pytest.mark.slow
@@ -202,6 +235,8 @@ def test_lazy_class_count_must_match_the_training_data():
     with pytest.raises(
         ValueError, match="model.head.num_classes=4 but dataset 'shapes_train' has 5"
     ):
-        check_model_classes(cfg, instantiate(cfg.model))
+        check_model_classes(
+            instantiate(cfg.model), train_dataset_names(cfg), "model.head.num_classes"
+        )
     with pytest.raises(ValueError, match=r"shapes split names must be in .*got \['shapes_test'\]"):
         register_shapes("shapes_test")

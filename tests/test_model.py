@@ -31,7 +31,19 @@ def test_config_list_is_complete():
     }
 
 
-@pytest.mark.parametrize("path", DETECTION_CONFIGS, ids=lambda p: p.split("FCOS-Detection/")[1])
+def _deep_backbone(path: str) -> bool:
+    # ResNet-101 / ResNeXt-101: seconds to build and run on a CPU, so in the slow tier.
+    return "_101_" in path
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        pytest.param(p, marks=pytest.mark.slow) if _deep_backbone(p) else p
+        for p in DETECTION_CONFIGS
+    ],
+    ids=lambda p: p.split("FCOS-Detection/")[1],
+)
 def test_every_config_builds_trains_and_infers(cfg, path):
     cfg.merge_from_file(path)
     cfg.MODEL.WEIGHTS = ""

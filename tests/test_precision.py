@@ -9,8 +9,9 @@ from detectron2.modeling import build_model
 from helpers import args_for, synthetic_image, tiny_opts
 
 from fcos_d2 import precision
-from fcos_d2.d2_compat import CPUAutocastTrainer
+from fcos_d2.d2_compat import step_runner
 from fcos_d2.engine import Trainer, setup
+from fcos_d2.engine.runtime import CPUAutocastTrainer
 from fcos_d2.precision import autocast_dtype
 
 
@@ -49,7 +50,7 @@ def test_trainer_uses_bfloat16_autocast_only_on_native_cpus(
     native_bf16(native)
     opts = tiny_opts(tmp_path, 2, **{"SOLVER.AMP.ENABLED": True, "DATASETS.TEST": "()"})
     trainer = Trainer(setup(args_for(opts)))
-    assert type(trainer._trainer) is expected
+    assert type(step_runner(trainer)) is expected
     assert trainer.cfg.SOLVER.AMP.ENABLED  # the saved config says what was asked for
 
 

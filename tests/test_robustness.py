@@ -3,6 +3,7 @@ documented or stop with an error that names the problem."""
 
 import glob
 import math
+import re
 
 import numpy as np
 import pytest
@@ -12,12 +13,22 @@ from detectron2.data import DatasetMapper
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, BoxMode, Instances
 from detectron2.utils.events import EventStorage
-from helpers import QUICKSTART, REPO, config_path, run_python, synthetic_image
+from helpers import (
+    QUICKSTART,
+    REPO,
+    config_path,
+    drop_closed_log_handlers,
+    load_script,
+    run_python,
+    shapes_root,
+    synthetic_image,
+    tiny_opts,
+)
 from PIL import Image
 
 from fcos_d2 import add_fcos_config
+from fcos_d2.config import build_cfg
 from fcos_d2.data.images import ImageReadError, read_image_bgr, to_bgr_uint8
-from fcos_d2.engine import build_cfg
 from fcos_d2.modeling.box_ops import compute_locations
 from fcos_d2.modeling.targets import FCOSTargetAssigner
 
@@ -178,7 +189,7 @@ def test_odd_image_files_read_upright_as_3_channel_bgr(tmp_path):
 def test_predictor_takes_paths_and_odd_arrays_like_their_bgr_versions(tmp_path):
     from detectron2.engine import DefaultPredictor
 
-    from fcos_d2.predictor import FCOSPredictor
+    from fcos_d2.inference.predictor import FCOSPredictor
 
     cfg = build_cfg(QUICKSTART, ["MODEL.DEVICE", "cpu", "MODEL.FCOS.INFERENCE_TH_TEST", "0.0"])
     torch.manual_seed(0)
@@ -222,34 +233,81 @@ def test_demo_reads_odd_files_and_names_bad_inputs(tmp_path):
     assert done.returncode != 0 and "empty holds no images" in done.stderr
 
 
+LAZY_QUICKSTART = config_path("configs/LazyConfig/fcos_R_18_shapes.py")
+# The same mistakes made with each train script: (train_net.py arguments, lazyconfig_train_net.py
+# arguments, what both messages name).
+SCRIPT_MISTAKES = {
+    "missing config": (
+        ["--config-file", "nope.yaml"],
+        ["--config-file", "nope.py"],
+        "does not exist",
+    ),
+    "unknown key": (
+        ["--config-file", QUICKSTART, "MODEL.FCOS.NUM_CLASSSES", "3"],
+        ["--config-file", LAZY_QUICKSTART, "model.head.num_clases=3"],
+        "NUM_CLASSSES|num_clases",
+    ),
+    "wrong type": (
+        ["--config-file", QUICKSTART, "MODEL.FCOS.NUM_CLASSES", "many"],
+        ["--config-file", LAZY_QUICKSTART, "train.max_iter=many"],
+        "Type mismatch|train.max_iter must be an integer",
+    ),
+    "bad value": (
+        ["--config-file", QUICKSTART, "MODEL.FCOS.NORM", "LN"],
+        ["--config-file", LAZY_QUICKSTART, "model.head.norm=LN"],
+        "must be one of",
+    ),
+    "missing weights": (
+        ["--config-file", QUICKSTART, "--eval-only", "MODEL.WEIGHTS", "none.pth"],
+        ["--config-file", LAZY_QUICKSTART, "--eval-only", "train.init_checkpoint=none.pth"],
+        "none.pth does not exist",
+    ),
+}
+
+
 @pytest.mark.slow
-def test_bad_config_and_weights_give_one_line_errors(tmp_path):
-    train = [str(REPO / "train_net.py"), "--config-file", QUICKSTART]
-    cases = [
-        (["MODEL.FCOS.NUM_CLASSSES", "3"], "Non-existent key: MODEL.FCOS.NUM_CLASSSES"),
-        (["MODEL.FCOS.NUM_CLASSES", "many"], "Type mismatch"),
-        (["MODEL.FCOS.NORM", "LN"], "MODEL.FCOS.NORM must be one of"),
-        (["--eval-only", "MODEL.WEIGHTS", str(tmp_path / "none.pth")], "none.pth does not exist"),
-    ]
+@pytest.mark.parametrize("mistake", sorted(SCRIPT_MISTAKES))
+@pytest.mark.parametrize("script", ["train_net.py", "lazyconfig_train_net.py"])
+def test_both_train_scripts_report_the_same_mistakes_in_one_line(
+    tmp_path, capsys, monkeypatch, script, mistake
+):
+    monkeypatch.chdir(tmp_path)  # the relative missing files, the outputs
+    yacs, lazy, message = SCRIPT_MISTAKES[mistake]
+    if script == "train_net.py":  # the data and outputs of the tests, registered once
+        arguments = yacs + tiny_opts(tmp_path, 3)
+    else:
+        shrunk = [f"datasets.root={shapes_root()}", "datasets.num_train=16", "datasets.num_val=8"]
+        shrunk += ["datasets.image_size=[128,128]", "train.device=cpu"]
+        arguments = lazy + shrunk + [f"train.output_dir={tmp_path / 'o'}"]
+    if mistake == "missing config":
+        arguments = arguments[:2]
+    drop_closed_log_handlers()
+    status = load_script(script).main(arguments)
+    err = capsys.readouterr().err
+    assert status == 2, err[-1500:]
+    (line,) = [x for x in err.splitlines() if f"{script}: error:" in x]
+    assert re.search(message, line), line
+    assert "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_train_scripts_and_demo_exit_2_on_bad_weights_as_processes(tmp_path):
     (tmp_path / "cut.pth").write_bytes(b"PK\x03\x04 truncated")
-    cases.append(
-        (
-            ["--eval-only", "MODEL.WEIGHTS", str(tmp_path / "cut.pth")],
-            "cut.pth is not a readable checkpoint",
-        )
-    )
-    for args, message in cases:
-        flags = [a for a in args if a.startswith("--")]
-        opts = [a for a in args if not a.startswith("--")]
-        done = run_python(
-            *train, *flags, "MODEL.DEVICE", "cpu", "OUTPUT_DIR", str(tmp_path / "o"), *opts
-        )
-        assert done.returncode == 2, (args, done.stderr[-1500:])
-        assert "train_net.py: error:" in done.stderr and message in done.stderr, (
-            args,
-            done.stderr[-1500:],
-        )
-        assert "Traceback" not in done.stderr, args
+    cut = str(tmp_path / "cut.pth")
+    done = run_python(
+        str(REPO / "train_net.py"), "--config-file", QUICKSTART, "--eval-only",
+        "MODEL.DEVICE", "cpu", "OUTPUT_DIR", str(tmp_path / "o"), "MODEL.WEIGHTS", cut,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr[-1500:]
+    assert f"train_net.py: error: MODEL.WEIGHTS: {cut} is not a readable checkpoint" in done.stderr
+    assert "Traceback" not in done.stderr
+    done = run_python(
+        str(REPO / "lazyconfig_train_net.py"), "--config-file", LAZY_QUICKSTART,
+        "MODEL.WEIGHTS", cut,
+    )  # fmt: skip
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-1500:]
+    assert "lazyconfig_train_net.py: error: in the command-line overrides" in done.stderr
+    assert "key=value" in done.stderr
     (tmp_path / "imgs").mkdir()
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "imgs" / "a.png")
     done = run_python(
@@ -261,7 +319,7 @@ def test_bad_config_and_weights_give_one_line_errors(tmp_path):
         "--output",
         str(tmp_path / "vis"),
         "MODEL.WEIGHTS",
-        str(tmp_path / "cut.pth"),
+        cut,
     )
     assert done.returncode == 2 and "cut.pth is not a readable checkpoint" in done.stderr
 

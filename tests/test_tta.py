@@ -19,9 +19,9 @@ from helpers import (
 from torch import nn
 
 from fcos_d2.engine import main
+from fcos_d2.inference.tta import FCOSWithTTA, boxes_to_original, build_tta_model, merge_detections
 from fcos_d2.modeling import FCOS
 from fcos_d2.modeling.postprocess import FCOSPostProcessor
-from fcos_d2.tta import FCOSWithTTA, boxes_to_original, build_tta_model, merge_detections
 
 
 class FixedFractionFCOS(FCOS):

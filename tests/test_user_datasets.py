@@ -10,8 +10,8 @@ import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from helpers import QUICKSTART, REPO, args_for, run_python, tiny_opts
 
+from fcos_d2.config import build_cfg
 from fcos_d2.data.user_datasets import DatasetConfigError, register_user_datasets
-from fcos_d2.engine import build_cfg
 
 SIZE = 96
 # Category ids as a COCO subset would have them: not contiguous, not starting at 1.

@@ -15,6 +15,8 @@ from fcos_d2.data.augmentation import ResizeShortestEdgePerBatch
 from fcos_d2.data.builtin import register_shapes
 
 from .common.fcos import model
+from .common.runtime import model_ema as _model_ema
+from .common.runtime import test as _test
 
 # ResNet-18 from scratch with BatchNorm, 64-channel FPN and head, 2-conv towers.
 model.backbone.bottom_up.stem.norm = "BN"
@@ -84,4 +86,7 @@ train.amp.cpu_bf16 = "auto"
 train.checkpointer.period = 500
 train.eval_period = 0  # evaluate once, at the end of training
 train.seed = 0
+train.model_ema = _model_ema  # MODEL_EMA.*
 train.output_dir = "output/quickstart/FCOS_R_18_shapes_lazy"
+
+test = _test  # TEST.AUG.* (top-level names starting with _ are not config keys)

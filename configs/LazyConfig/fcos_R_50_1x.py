@@ -11,6 +11,8 @@ from detectron2.model_zoo import get_config
 from fcos_d2.modeling.fcos import channels_last_for
 
 from .common.fcos import model
+from .common.runtime import model_ema as _model_ema
+from .common.runtime import test as _test
 
 model.backbone.bottom_up.freeze_at = 2  # MODEL.BACKBONE.FREEZE_AT: stem and res2 frozen
 # MODEL.CHANNELS_LAST None: NHWC on x86-64 CPUs, NCHW on CUDA.
@@ -30,3 +32,7 @@ train = get_config("common/train.py").train
 train.init_checkpoint = "detectron2://ImageNetPretrained/MSRA/R-50.pkl"
 train.output_dir = "output/fcos/R_50_1x"
 train.eval_period = 0  # evaluate once, at the end of training
+train.amp.cpu_bf16 = "auto"  # SOLVER.AMP.CPU_BF16
+train.model_ema = _model_ema  # MODEL_EMA.*
+
+test = _test  # TEST.AUG.* (top-level names starting with _ are not config keys)

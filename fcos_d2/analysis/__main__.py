@@ -28,15 +28,21 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
+from detectron2.data import (  # noqa: E402
+    DatasetCatalog,
+    MetadataCatalog,
+    build_detection_test_loader,
+)
 from detectron2.data.datasets.coco import convert_to_coco_dict  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from pycocotools.coco import COCO  # noqa: E402
 
 from ..checkpoint import FCOSCheckpointer  # noqa: E402
-from ..checks import exit_on_config_error  # noqa: E402
+from ..checks import ConfigError  # noqa: E402
+from ..cli import run_command  # noqa: E402
+from ..config import build_cfg  # noqa: E402
 from ..data.builtin import register_datasets_from_config  # noqa: E402
-from ..engine import Trainer, build_cfg  # noqa: E402
+from ..inference.oracle import build_annotated_test_loader  # noqa: E402
 from ..modeling.targets import FCOSTargetAssigner  # noqa: E402
 from .assignment import (  # noqa: E402
     RETINANET_RULES,
@@ -50,7 +56,6 @@ from .detections import (  # noqa: E402
     low_quality_share,
     score_iou_before_nms,
 )
-from .oracle import build_annotated_test_loader  # noqa: E402
 
 COMMANDS = ("bpr", "ambiguity", "centerness", "pr-curves")
 BPR_COLUMNS = (("bpr", "BPR %"),)
@@ -119,7 +124,7 @@ def run_assignment(command: str, cfg, records: list[dict], input_size: str) -> d
 
 def load_model(cfg):
     if not cfg.MODEL.WEIGHTS:
-        raise SystemExit("this command needs trained weights: add MODEL.WEIGHTS path/to/model.pth")
+        raise ConfigError("this command needs trained weights: add MODEL.WEIGHTS path/to/model.pth")
     model = build_model(cfg).eval()
     FCOSCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     return model
@@ -180,7 +185,7 @@ def ground_truth_coco(dataset: str) -> COCO:
 def run_pr_curves(cfg, dataset: str, max_images: int, output: Path) -> dict:
     model = load_model(cfg)
     detections, image_ids = coco_detections(
-        model, Trainer.build_test_loader(cfg, dataset), max_images
+        model, build_detection_test_loader(cfg, dataset), max_images
     )
     coco_gt = ground_truth_coco(dataset)
     coco_gt.imgs = {i: coco_gt.imgs[i] for i in image_ids}
@@ -214,12 +219,12 @@ def main(argv=None) -> int:
     cfg = build_cfg(args.config_file, args.opts)
     dataset = args.dataset or (cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else None)
     if not dataset:
-        raise SystemExit("no dataset: pass --dataset NAME or set DATASETS.TEST in the config")
+        raise ConfigError("no dataset: pass --dataset NAME or set DATASETS.TEST in the config")
     cfg.DATASETS.TEST = (dataset,)
     cfg.freeze()
     register_datasets_from_config(cfg)
     if dataset not in DatasetCatalog.list():
-        raise SystemExit(
+        raise ConfigError(
             f"dataset {dataset!r} is not registered (known: {sorted(DatasetCatalog.list())[:8]}...)"
         )
     output = Path(args.output or Path(cfg.OUTPUT_DIR) / "analysis")
@@ -242,4 +247,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(exit_on_config_error("python -m fcos_d2.analysis", main))
+    sys.exit(run_command("python -m fcos_d2.analysis", main))

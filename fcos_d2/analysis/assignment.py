@@ -18,6 +18,7 @@ from detectron2.modeling.matcher import Matcher
 from detectron2.structures import Boxes, BoxMode, pairwise_iou
 from torch import Tensor
 
+from ..checks import check_choice
 from ..modeling.box_ops import compute_locations
 from ..modeling.targets import FCOSTargetAssigner
 
@@ -123,8 +124,7 @@ def fcos_assignment_stats(
 
 def retinanet_assignment_stats(images: list[GroundTruth], rule: str) -> AssignmentStats:
     """BPR and sample counts of RetinaNet's anchors under one of :data:`RETINANET_RULES`."""
-    if rule not in RETINANET_RULES:
-        raise ValueError(f"unknown RetinaNet matching rule {rule!r}; choose from {RETINANET_RULES}")
+    check_choice(rule, RETINANET_RULES, "RetinaNet matching rule", "retinanet_assignment_stats")
     generator = DefaultAnchorGenerator(
         sizes=RETINANET_SIZES,
         aspect_ratios=RETINANET_ASPECT_RATIOS,

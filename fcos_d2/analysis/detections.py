@@ -16,6 +16,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import Tensor
 
+from ..checks import ConfigError
 from ..modeling.fcos import FCOS
 
 PR_IOUS = (0.50, 0.75, 0.90)
@@ -26,7 +27,10 @@ def class_agnostic_pr(coco_gt: COCO, detections: list[dict], ious: Sequence[floa
     precision at each point (-1 where the recall is not reached) and the AP (all areas, 100
     detections per image)."""
     if not detections:
-        raise ValueError("no detections to evaluate")
+        raise ConfigError(
+            "no detections to evaluate: the model detects nothing above "
+            "MODEL.FCOS.INFERENCE_TH_TEST on these images"
+        )
     with contextlib.redirect_stdout(io.StringIO()):
         coco_dt = coco_gt.loadRes(copy.deepcopy(detections))
         evaluation = COCOeval(coco_gt, coco_dt, "bbox")

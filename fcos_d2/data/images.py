@@ -9,13 +9,14 @@ from pathlib import Path
 from typing import Union
 
 import numpy as np
-from detectron2.data.detection_utils import _apply_exif_orientation
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ..checks import ConfigError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
 
-class ImageReadError(ValueError):
+class ImageReadError(ConfigError):
     """An input that is not an image fcos_d2 can read, with the reason."""
 
 
@@ -50,7 +51,7 @@ def read_image_bgr(path: Union[str, Path]) -> np.ndarray:
         raise ImageReadError(f"{path} does not exist")
     try:
         with Image.open(path) as opened:
-            image = _apply_exif_orientation(opened)
+            image = ImageOps.exif_transpose(opened)
             if image.mode in ("I;16", "I;16B", "I;16L", "I"):
                 pixels = np.asarray(image, dtype=np.uint16 if image.mode != "I" else np.int32)
                 return to_bgr_uint8(np.clip(pixels, 0, 65535).astype(np.uint16))

@@ -37,6 +37,8 @@ from typing import Callable
 import cv2
 import numpy as np
 
+from ..utils import atomic_write
+
 SHAPES_CLASSES: tuple[str, ...] = ("rectangle", "ellipse", "triangle", "cross", "ring")
 
 # Part of the cache folder name: bump it whenever a spec would produce other pixels or
@@ -131,7 +133,7 @@ def generate_shapes_split(spec: ShapesSpec, out_dir: str | Path) -> Path:
         ok, png = cv2.imencode(".png", cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR))
         if not ok:
             raise RuntimeError(f"cv2 could not encode {file_name} as PNG")
-        _write_atomically(images_dir / file_name, png.tobytes())
+        atomic_write(images_dir / file_name, png.tobytes(), durable=False)
         images.append({"id": image_id, "file_name": file_name, "height": height, "width": width})
         for class_index, bbox, area in objects:
             annotations.append(
@@ -158,7 +160,8 @@ def generate_shapes_split(spec: ShapesSpec, out_dir: str | Path) -> Path:
         ],
     }
     json_path = out_dir / ANNOTATIONS_FILE
-    _write_atomically(json_path, json.dumps(coco, separators=(",", ":")).encode("utf-8"))
+    text = json.dumps(coco, separators=(",", ":")).encode("utf-8")
+    atomic_write(json_path, text, durable=False)
     return json_path
 
 
@@ -206,16 +209,6 @@ def default_shapes_root() -> Path:
     if from_env:
         return Path(from_env)
     return Path(__file__).resolve().parents[2] / "datasets"
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Readers see the old file or the whole new one, also while another process writes it too."""
-    temp_path = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        temp_path.write_bytes(data)
-        os.replace(temp_path, path)
-    finally:
-        temp_path.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------------------

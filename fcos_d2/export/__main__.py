@@ -23,10 +23,10 @@ from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
 
 from ..checkpoint import FCOSCheckpointer
-from ..checks import ConfigError, exit_on_config_error
-from ..cli import split_config_overrides
+from ..checks import ConfigError
+from ..cli import run_command, split_config_overrides
+from ..config import build_cfg
 from ..data.builtin import register_datasets_from_config
-from ..engine import build_cfg
 from .model import FORMATS, ExportableFCOS, example_image, export_model, load_exported
 from .verify import verify
 
@@ -86,8 +86,7 @@ def main(argv=None) -> int:
     path = output / FORMATS[args.format]
     if args.verify_only:
         if not path.is_file():
-            print(f"--verify-only: {path} does not exist", file=sys.stderr)
-            return 2
+            raise ConfigError(f"--verify-only: {path} does not exist")
     else:
         start = time.perf_counter()
         export_model(model, args.format, output, example_image(cfg))
@@ -103,4 +102,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(exit_on_config_error("python -m fcos_d2.export", main))
+    sys.exit(run_command("python -m fcos_d2.export", main))

@@ -24,7 +24,7 @@ from .postprocess import FCOSPostProcessor
 from .targets import FCOSTargetAssigner, FCOSTargets
 
 # What multiplies the class score at inference (Table 4, arXiv Sec. 4.1.2). "oracle" (ground-truth
-# center-ness) needs annotations, so callers pass its maps in: see fcos_d2.analysis.oracle.
+# center-ness) needs annotations, so callers pass its maps in: see fcos_d2.inference.oracle.
 INFERENCE_QUALITIES = ("branch", "none", "from_regression", "oracle")
 
 
@@ -207,7 +207,7 @@ class FCOSCore:
             INFERENCE_QUALITIES[:-1],
             "MODEL.FCOS.INFERENCE_QUALITY",
             "oracle quality needs the annotations: evaluate with train_net.py --eval-only or "
-            "fcos_d2.analysis.oracle",
+            "fcos_d2.inference.oracle",
         )
         if mode == "branch":
             return dense.quality

@@ -19,9 +19,9 @@ from detectron2.structures import ImageList, Instances
 from detectron2.utils.events import get_event_storage
 from torch import Tensor
 
-from ..checkpoint import register_adelaidet_loading
 from ..checks import check_choice, check_that
 from ..config import check_authors_keys
+from ..formats.adelaidet import load_adelaidet_keys
 from ..precision import autocast_dtype
 from .core import FCOSCore
 from .head import FCOSHead, FCOSHeadOutputs
@@ -31,8 +31,8 @@ def channels_last_for(setting: Optional[bool], device: str) -> bool:
     """Whether ``MODEL.CHANNELS_LAST`` means channels-last on ``device``.
 
     True and False are kept; None picks NHWC where it was measured faster: x86-64 CPUs, where
-    oneDNN runs the convolutions (R-50-FPN inference 0.8-0.9x the NCHW time, training step about
-    0.95x: README, "Speed"). CUDA and other CPUs stay NCHW until measured there.
+    oneDNN runs the convolutions (figures: README, "Speed"). CUDA and other CPUs stay NCHW until
+    measured there.
     """
     check_choice(setting, (None, True, False), "MODEL.CHANNELS_LAST", "channels_last_for setting")
     if setting is not None:
@@ -68,7 +68,8 @@ class FCOS(DenseDetector):
                 on CUDA, bfloat16 on a CPU as ``cpu_bf16`` allows (see :mod:`fcos_d2.precision`).
                 Decoding stays in float32.
             channels_last: keep convolution weights and inputs in channels-last (NHWC) memory
-                format, which oneDNN runs faster on CPUs; outputs do not change.
+                format, which oneDNN runs faster on CPUs; outputs change only by float rounding
+                (other kernels sum in another order: about 1e-6 relative).
         """
         super().__init__(
             backbone, head, head_in_features, pixel_mean=pixel_mean, pixel_std=pixel_std
@@ -96,7 +97,7 @@ class FCOS(DenseDetector):
         if channels_last:
             self.to(memory_format=torch.channels_last)
         # MODEL.WEIGHTS may be an AdelaiDet checkpoint (head at proposal_generator.fcos_head.*).
-        register_adelaidet_loading(self)
+        self.register_load_state_dict_pre_hook(load_adelaidet_keys)
 
     @classmethod
     def from_config(cls, cfg) -> dict:

@@ -65,8 +65,8 @@ class _SigmoidFocalLossSum(torch.autograd.Function):
         z.scatter_(-1, index, torch.where(is_fg, -at_index, at_index))
         q = torch.sigmoid(z)
         # softplus(z) = max(z, 0) + log(1 + exp(-|z|)): ATen's softplus and log1p do not
-        # vectorise on CPUs (10 ms here for 1M logits, against 3 ms). Where exp(-|z|) < 6e-8 the
-        # log rounds to 0, an absolute error below 6e-8 that focal weighting then shrinks.
+        # vectorise on CPUs (docs/benchmarks.md). Where exp(-|z|) < 6e-8 the log rounds to 0, an
+        # absolute error below 6e-8 that focal weighting then shrinks.
         softplus = z.abs().neg_().exp_().add_(1.0).log_().add_(z.clamp_(min=0))
         q_gamma = q * q if gamma == 2.0 else q.pow(gamma)
         # alpha < 0 turns the class weighting off, as in fvcore.

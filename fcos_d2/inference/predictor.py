@@ -7,8 +7,8 @@ import numpy as np
 from detectron2.config import CfgNode
 from detectron2.engine import DefaultPredictor
 
-from .checkpoint import FCOSCheckpointer
-from .data.images import read_image_bgr, to_bgr_uint8
+from ..checkpoint import FCOSCheckpointer
+from ..data.images import read_image_bgr, to_bgr_uint8
 
 
 class FCOSPredictor(DefaultPredictor):

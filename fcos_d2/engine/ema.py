@@ -20,12 +20,9 @@ import torch
 from detectron2.engine import HookBase
 from torch import nn
 
-from .checks import check_that
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside DistributedDataParallel, or the model itself."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+from ..checks import check_that
+from ..d2_compat import lerp_all_
+from ..utils import unwrap_model
 
 
 class ModelEMA:
@@ -34,7 +31,7 @@ class ModelEMA:
 
     def __init__(self, model: nn.Module, decay: float):
         check_that(0.0 <= decay < 1.0, "MODEL_EMA.DECAY", "in [0, 1)", decay, "ModelEMA decay")
-        self.model = unwrap(model)
+        self.model = unwrap_model(model)
         self.decay = decay
         self.num_updates = 0
         self.final = False
@@ -59,7 +56,7 @@ class ModelEMA:
             else:  # e.g. BatchNorm's num_batches_tracked
                 self.state[name].copy_(value)
         if averaged:
-            torch._foreach_lerp_(averaged, current, 1.0 - decay)
+            lerp_all_(averaged, current, 1.0 - decay)
         self.num_updates += 1
 
     @torch.no_grad()

@@ -8,7 +8,7 @@ defaults are the authors' improved settings (Table 3, "Improvements" rows);
 
 from detectron2.config import CfgNode as CN
 
-from .checks import check_that
+from .authors import add_authors_keys
 
 
 def add_fcos_config(cfg: CN) -> CN:
@@ -25,87 +25,17 @@ def add_fcos_config(cfg: CN) -> CN:
     if "COCO_JSON" not in cfg.DATASETS:
         _add_user_dataset_keys(cfg)
     if "MOBILENET" not in cfg.MODEL:
-        _add_authors_keys(cfg)
+        add_authors_keys(cfg)
     if "BOX_VOTING" not in cfg.TEST.AUG:
         _add_test_keys(cfg)
     return cfg
 
 
 def _add_test_keys(cfg: CN) -> None:
-    # ours: test-time augmentation (TEST.AUG.ENABLED, fcos_d2/tta.py) merges the detections of all
-    # augmented inputs with per-class NMS; with box voting each kept box becomes the score-weighted
-    # mean of the same-class boxes overlapping it at IoU >= MODEL.FCOS.NMS_TH.
+    # ours: test-time augmentation (TEST.AUG.ENABLED, fcos_d2/inference/tta.py) merges the
+    # detections of all augmented inputs with per-class NMS; with box voting each kept box becomes
+    # the score-weighted mean of the same-class boxes overlapping it at IoU >= MODEL.FCOS.NMS_TH.
     cfg.TEST.AUG.BOX_VOTING = False
-
-
-def _add_authors_keys(cfg: CN) -> None:
-    # Accepted for the authors' YAML files (AdelaiDet adet/config/defaults.py); no effect. Their
-    # FCOS files set none of them, but configs dumped by AdelaiDet (output/.../config.yaml) set
-    # all. Values that would change AdelaiDet's behaviour are refused by check_authors_keys.
-    cfg.MODEL.FCOS.USE_RELU = True  # unused by AdelaiDet too: its regression is always relu
-    cfg.MODEL.FCOS.YIELD_PROPOSAL = False
-    cfg.MODEL.FCOS.YIELD_BOX_FEATURES = False
-    cfg.MODEL.MOBILENET = False
-    cfg.MODEL.BACKBONE.ANTI_ALIAS = False
-    cfg.MODEL.RESNETS.DEFORM_INTERVAL = 1
-    cfg.INPUT.IS_ROTATE = False
-    # None = not set. AdelaiDet flips by INPUT.HFLIP_TRAIN (default True) and crops around
-    # instances (INPUT.CROP.CROP_INSTANCE); fcos_d2 uses Detectron2's INPUT.RANDOM_FLIP and crop.
-    cfg.INPUT.HFLIP_TRAIN = None
-    cfg.INPUT.CROP.CROP_INSTANCE = None
-
-
-# AdelaiDet-only key -> (is its value inert here?, the requirement reported when it is not).
-_AUTHORS_KEYS = {
-    "MODEL.FCOS.YIELD_PROPOSAL": (
-        lambda v, cfg: not v,
-        "False (AdelaiDet's instance-segmentation heads consume it; fcos_d2 has none)",
-    ),
-    "MODEL.FCOS.YIELD_BOX_FEATURES": (
-        lambda v, cfg: not v,
-        "False (AdelaiDet's instance-segmentation heads consume it; fcos_d2 has none)",
-    ),
-    "MODEL.MOBILENET": (
-        lambda v, cfg: not v,
-        "False (AdelaiDet's MobileNetV2 backbone is not part of fcos_d2)",
-    ),
-    "MODEL.BACKBONE.ANTI_ALIAS": (
-        lambda v, cfg: not v,
-        "False (AdelaiDet's anti-aliased ResNet is not part of fcos_d2)",
-    ),
-    "MODEL.RESNETS.DEFORM_INTERVAL": (
-        lambda v, cfg: v in (None, 1),
-        "1 (for deformable convolutions use Detectron2's MODEL.RESNETS.DEFORM_ON_PER_STAGE)",
-    ),
-    "INPUT.IS_ROTATE": (
-        lambda v, cfg: not v,
-        "False (AdelaiDet's random rotation is not part of fcos_d2)",
-    ),
-    "INPUT.HFLIP_TRAIN": (
-        lambda v, cfg: v is None or cfg.INPUT.RANDOM_FLIP == ("horizontal" if v else "none"),
-        "None, or agree with INPUT.RANDOM_FLIP (Detectron2's key, which fcos_d2 uses): True "
-        "with 'horizontal', False with 'none'",
-    ),
-    "INPUT.CROP.CROP_INSTANCE": (
-        lambda v, cfg: v is None or not cfg.INPUT.CROP.ENABLED,
-        "None when INPUT.CROP.ENABLED (AdelaiDet crops around instances, fcos_d2 as Detectron2)",
-    ),
-}
-
-
-def check_authors_keys(cfg: CN) -> None:
-    """Refuse AdelaiDet-only keys whose value would make AdelaiDet do something fcos_d2 does not."""
-    for key, (is_inert, requirement) in _AUTHORS_KEYS.items():
-        node = cfg
-        for part in key.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        check_that(
-            is_inert(node, cfg),
-            key,
-            requirement,
-            node,
-            "an AdelaiDet key, accepted only where it has no effect",
-        )
 
 
 def _add_solver_keys(cfg: CN) -> None:
@@ -123,7 +53,7 @@ def _add_solver_keys(cfg: CN) -> None:
     # (default): NHWC on x86-64 CPUs, where oneDNN runs it faster (README, "Speed"), NCHW
     # elsewhere (CUDA: not measured); True / False force it (fcos_d2/modeling/fcos.py).
     cfg.MODEL.CHANNELS_LAST = None
-    # ours: exponential moving average of the weights (fcos_d2/ema.py): evaluations during
+    # ours: exponential moving average of the weights (fcos_d2/engine/ema.py): evaluations during
     # training use it and model_final.pth holds it. Off by default (README: it did not help the
     # quickstart's short schedule).
     cfg.MODEL_EMA = CN({"ENABLED": False, "DECAY": 0.999})

@@ -14,17 +14,17 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
-from detectron2.config import CfgNode
+from detectron2.config import CfgNode, configurable
 from detectron2.data.detection_utils import read_image
 from detectron2.layers import batched_nms
 from detectron2.modeling import DatasetMapperTTA, GeneralizedRCNN, GeneralizedRCNNWithTTA
 from detectron2.structures import Boxes, Instances, pairwise_iou
 from fvcore.transforms import Transform
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
 
-from .checks import check_that
-from .modeling.fcos import FCOS
+from ..checks import check_that
+from ..modeling.fcos import FCOS
+from ..utils import unwrap_model
 
 _WHERE = "FCOSWithTTA"
 
@@ -32,8 +32,7 @@ _WHERE = "FCOSWithTTA"
 def build_tta_model(cfg: CfgNode, model: nn.Module) -> nn.Module:
     """``model`` wrapped for test-time augmentation: FCOS here, R-CNNs (also those with FCOS
     proposals) by Detectron2's ``GeneralizedRCNNWithTTA``."""
-    if isinstance(model, DistributedDataParallel):
-        model = model.module
+    model = unwrap_model(model)
     if isinstance(model, GeneralizedRCNN):
         return GeneralizedRCNNWithTTA(cfg, model)
     return FCOSWithTTA(cfg, model)
@@ -43,26 +42,32 @@ class FCOSWithTTA(nn.Module):
     """An FCOS detector with test-time augmentation: same inputs and outputs as ``FCOS.forward``
     in inference, detections in each input's ``height`` x ``width`` (the original image)."""
 
+    @configurable
     def __init__(
         self,
-        cfg: CfgNode,
         model: nn.Module,
-        tta_mapper: Optional[Callable[[dict], list[dict]]] = None,
+        *,
+        tta_mapper: Callable[[dict], list[dict]],
+        box_voting: bool = False,
+        input_format: str = "BGR",
         batch_size: int = 3,
     ):
         """
         Args:
-            cfg: reads ``TEST.AUG.*`` (through ``DatasetMapperTTA`` unless ``tta_mapper`` is
-                given), ``TEST.AUG.BOX_VOTING`` and ``INPUT.FORMAT``.
             model: an FCOS detector (possibly in DistributedDataParallel); its post-processor's
                 NMS threshold and detections per image also apply to the merge.
             tta_mapper: dataset dict -> augmented dicts, each with the ``transforms`` that made
-                it from the original image.
+                it from the original image (Detectron2's ``DatasetMapperTTA``).
+            box_voting: ``TEST.AUG.BOX_VOTING``, see :func:`merge_detections`.
+            input_format: ``INPUT.FORMAT``, for inputs given by ``file_name``.
             batch_size: augmented images per forward pass.
+
+        With a yacs config: ``FCOSWithTTA(cfg, model[, tta_mapper][, batch_size])`` reads
+        ``TEST.AUG.*`` (through ``DatasetMapperTTA`` unless ``tta_mapper`` is given),
+        ``TEST.AUG.BOX_VOTING`` and ``INPUT.FORMAT``.
         """
         super().__init__()
-        if isinstance(model, DistributedDataParallel):
-            model = model.module
+        model = unwrap_model(model)
         check_that(
             isinstance(model, FCOS),
             "MODEL.META_ARCHITECTURE",
@@ -79,6 +84,20 @@ class FCOSWithTTA(nn.Module):
             _WHERE,
         )
         check_that(batch_size >= 1, "batch_size", ">= 1", batch_size, _WHERE)
+        self.model = model
+        self.tta_mapper = tta_mapper
+        self.batch_size = batch_size
+        self.box_voting = box_voting
+        self.input_format = input_format
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: CfgNode,
+        model: nn.Module,
+        tta_mapper: Optional[Callable[[dict], list[dict]]] = None,
+        batch_size: int = 3,
+    ) -> dict:
         if tta_mapper is None:
             check_that(
                 len(cfg.TEST.AUG.MIN_SIZES) > 0,
@@ -88,11 +107,13 @@ class FCOSWithTTA(nn.Module):
                 _WHERE,
             )
             tta_mapper = DatasetMapperTTA(cfg)
-        self.model = model
-        self.tta_mapper = tta_mapper
-        self.batch_size = batch_size
-        self.box_voting = cfg.TEST.AUG.BOX_VOTING
-        self.input_format = cfg.INPUT.FORMAT
+        return {
+            "model": model,
+            "tta_mapper": tta_mapper,
+            "box_voting": cfg.TEST.AUG.BOX_VOTING,
+            "input_format": cfg.INPUT.FORMAT,
+            "batch_size": batch_size,
+        }
 
     @torch.no_grad()
     def forward(self, batched_inputs: list[dict]) -> list[dict[str, Instances]]:

@@ -2,28 +2,33 @@
 location's ground-truth center-ness instead of the predicted one, an upper bound on what a perfect
 center-ness branch would give.
 
-The detector itself never sees annotations at inference; this module passes the oracle maps to
-:meth:`FCOSCore.inference` explicitly. ``MODEL.FCOS.INFERENCE_QUALITY: oracle`` with
-``train_net.py --eval-only`` evaluates through :func:`test_with_oracle_quality`.
+The detector itself never sees annotations at inference: :class:`OracleQualityFCOS` wraps it and
+passes the oracle maps to :meth:`FCOSCore.inference` explicitly, on inputs from a loader that keeps
+the annotations (:func:`build_annotated_test_loader`, or :func:`annotated_loader_config` for
+LazyConfig). ``MODEL.FCOS.INFERENCE_QUALITY: oracle`` (``model.core.inference_quality`` in
+LazyConfig) makes the training scripts evaluate the model through this wrapper, with Detectron2's
+own evaluation loop.
 """
 
-import logging
-from collections import OrderedDict
+import copy
 from collections.abc import Sequence
-from typing import Callable
 
 import torch
 from detectron2.config import CfgNode
 from detectron2.data import DatasetMapper, build_detection_test_loader, detection_utils
-from detectron2.evaluation import DatasetEvaluator, inference_on_dataset, print_csv_format
 from detectron2.structures import Instances
 from torch import Tensor, nn
 
 from ..modeling.box_ops import centerness_from_ltrb
 from ..modeling.core import FCOSCore
 from ..modeling.fcos import FCOS
+from ..utils import unwrap_model
 
-logger = logging.getLogger(__name__)
+
+def uses_oracle_quality(model: nn.Module) -> bool:
+    """Whether ``model`` (possibly in DDP) is an FCOS detector set to score with the oracle."""
+    model = unwrap_model(model)
+    return isinstance(model, FCOS) and model.core.inference_quality == "oracle"
 
 
 def build_annotated_test_loader(cfg: CfgNode, dataset_name: str):
@@ -35,6 +40,14 @@ def build_annotated_test_loader(cfg: CfgNode, dataset_name: str):
         image_format=cfg.INPUT.FORMAT,
     )
     return build_detection_test_loader(cfg, dataset_name, mapper=mapper)
+
+
+def annotated_loader_config(test_loader):
+    """A copy of a LazyConfig ``dataloader.test`` (Detectron2's ``DatasetMapper``) whose mapper
+    keeps the annotations, as :func:`build_annotated_test_loader` does for yacs configs."""
+    annotated = copy.deepcopy(test_loader)
+    annotated.mapper.is_train = True
+    return annotated
 
 
 def oracle_quality(
@@ -53,9 +66,9 @@ class OracleQualityFCOS(nn.Module):
     Inputs need ``instances`` at network input scale, as :func:`build_annotated_test_loader` gives.
     """
 
-    def __init__(self, detector: FCOS):
+    def __init__(self, detector: nn.Module):
         super().__init__()
-        self.detector = detector
+        self.detector = unwrap_model(detector)
 
     def forward(self, batched_inputs: list[dict]) -> list[dict[str, Instances]]:
         if any("instances" not in x for x in batched_inputs):
@@ -70,18 +83,3 @@ class OracleQualityFCOS(nn.Module):
             features, predictions, images.image_sizes, quality=quality
         )
         return detector.output_dicts(results, batched_inputs, images.image_sizes)
-
-
-def test_with_oracle_quality(
-    cfg: CfgNode, model: FCOS, build_evaluator: Callable[[str], DatasetEvaluator]
-) -> "OrderedDict[str, dict]":
-    """``DefaultTrainer.test`` for the oracle: every ``DATASETS.TEST`` set, annotated loader."""
-    wrapped = OracleQualityFCOS(model)
-    results: OrderedDict[str, dict] = OrderedDict()
-    for name in cfg.DATASETS.TEST:
-        results[name] = inference_on_dataset(
-            wrapped, build_annotated_test_loader(cfg, name), build_evaluator(name)
-        )
-        logger.info("Evaluation results for %s with oracle center-ness in csv format:", name)
-        print_csv_format(results[name])
-    return results[cfg.DATASETS.TEST[0]] if len(results) == 1 else results
