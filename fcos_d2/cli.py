@@ -6,8 +6,12 @@ or unreadable file, a bad argument) as one line, ``PROGRAM: error: MESSAGE``, an
 status 2, as argparse does for bad arguments; no traceback.
 """
 
+import contextlib
+import multiprocessing
+import os
+import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Optional
@@ -15,6 +19,7 @@ from typing import Any, Optional
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, launch
 from detectron2.utils import comm
+from torch.multiprocessing import ProcessExitedException
 
 from .checks import ConfigError
 from .config import add_fcos_config
@@ -67,17 +72,43 @@ def training_command(
         args = default_argument_parser().parse_args(argv)
         print("Command Line Args:", args)
         check_config(args)
-        launch(
-            _worker,
-            args.num_gpus,
-            num_machines=args.num_machines,
-            machine_rank=args.machine_rank,
-            dist_url=args.dist_url,
-            args=(program, main, report, args),
-        )
+        with signals_forwarded_to_workers():
+            try:
+                launch(
+                    _worker,
+                    args.num_gpus,
+                    num_machines=args.num_machines,
+                    machine_rank=args.machine_rank,
+                    dist_url=args.dist_url,
+                    args=(program, main, report, args),
+                )
+            except ProcessExitedException as error:
+                if error.exit_code is None or error.exit_code <= 0:
+                    raise  # killed by a signal: torch's report says which process and how
+                # A worker that stopped on purpose (a reported error, a preemption): its status.
+                return error.exit_code
         return 0
 
     return run_command(program, body)
+
+
+@contextlib.contextmanager
+def signals_forwarded_to_workers() -> Iterator[None]:
+    """While active, SIGTERM and SIGUSR1 sent to this (launching) process reach the training
+    processes it started, which stop cleanly on them (fcos_d2.engine.resume): a scheduler may
+    signal only the process it started. In one process, training itself handles them."""
+    sent = (signal.SIGTERM, signal.SIGUSR1)
+
+    def forward(signum: int, frame) -> None:
+        for child in multiprocessing.active_children():
+            os.kill(child.pid, signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in sent}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @lru_cache(maxsize=1)

@@ -160,6 +160,28 @@ def tiny_opts(tmp_path: Path, max_iter: int, **extra) -> list:
     return [str(v) if not isinstance(v, str) else v for kv in opts.items() for v in kv]
 
 
+def lazy_opts(tmp_path, max_iter: int) -> list:
+    """The quickstart LazyConfig shrunk as tests/helpers.py ``tiny_opts`` shrinks the YAML one."""
+    return [
+        f"train.output_dir={tmp_path / 'out'}",
+        "train.device=cpu",
+        f"train.max_iter={max_iter}",
+        "train.checkpointer.period=100",
+        f"datasets.root={shapes_root()}",
+        "datasets.num_train=16",
+        "datasets.num_val=8",
+        "datasets.image_size=[128,128]",
+        "dataloader.train.mapper.augmentations.0.short_edge_length=[128]",
+        "dataloader.train.mapper.augmentations.0.max_size=128",
+        "dataloader.test.mapper.augmentations.0.short_edge_length=128",
+        "dataloader.test.mapper.augmentations.0.max_size=128",
+        "dataloader.train.num_workers=0",
+        "dataloader.test.num_workers=0",
+        f"lr_multiplier.scheduler.milestones=[{max_iter - 1}]",
+        f"lr_multiplier.warmup_length={1 / max_iter}",
+    ]
+
+
 def args_for(opts: list, **kw) -> argparse.Namespace:
     """``train_net.py``'s parsed arguments for the quickstart config with ``opts`` overrides."""
     defaults = dict(

@@ -1,6 +1,8 @@
-"""Faults during training: a loss turning NaN, a run killed between checkpoints and resumed, two
-"machines" on one host, and an image with 5,000 boxes."""
+"""Faults during training: a loss turning NaN, a checkpoint write that fails, a corrupted
+`last_checkpoint`, a loader process killed, two "machines" on one host, and an image with 5,000
+boxes. Killed and preempted runs resuming: tests/test_resume.py."""
 
+import errno
 import json
 import os
 import signal
@@ -12,7 +14,7 @@ import time
 
 import pytest
 import torch
-from helpers import QUICKSTART, REPO, args_for, read_metrics, tiny_opts
+from helpers import QUICKSTART, REPO, args_for, tiny_opts
 
 from fcos_d2.checkpoint import FCOSCheckpointer
 from fcos_d2.config import build_cfg
@@ -47,56 +49,72 @@ def test_nan_loss_stops_with_the_iteration_and_keeps_the_last_checkpoint(tmp_pat
     assert all(torch.isfinite(p).all() for p in model.state_dict().values())
 
 
-def _start_training(opts: list) -> subprocess.Popen:
-    cmd = [sys.executable, str(REPO / "train_net.py"), "--config-file", QUICKSTART, *opts]
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def test_a_failed_checkpoint_write_names_the_file_and_keeps_the_previous_one(tmp_path, monkeypatch):
+    model = torch.nn.Linear(2, 2)
+    checkpointer = FCOSCheckpointer(model, str(tmp_path))
+    checkpointer.save("model_0000004")
+    previous = (tmp_path / "model_0000004.pth").read_bytes()
+
+    def disk_full(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="could not write checkpoint .*model_0000009.pth") as error:
+        checkpointer.save("model_0000009")
+    assert error.value.errno == errno.ENOSPC and "No space left on device" in str(error.value)
+    assert (tmp_path / "model_0000004.pth").read_bytes() == previous
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000004.pth"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last_checkpoint", "model_0000004.pth"]
 
 
-def test_kill_9_between_checkpoints_then_resume(tmp_path):
-    opts = tiny_opts(tmp_path, 50, **{"SOLVER.CHECKPOINT_PERIOD": 25, "TEST.EVAL_PERIOD": 0})
-    out = tmp_path / "out"
-    run = _start_training(opts)
-    deadline = time.time() + 1800
-    # Kill once iteration 24's checkpoint is tagged, i.e. between checkpoints 24 and 49
-    # (Detectron2 writes metrics.json every 20 iterations).
-    while not (
-        (out / "last_checkpoint").exists()
-        and (out / "last_checkpoint").read_text() == "model_0000024.pth"
-    ):
-        assert run.poll() is None, run.stderr.read()[-2000:]
-        assert time.time() < deadline
-        time.sleep(0.2)
-    run.send_signal(signal.SIGKILL)
-    run.wait()
-    killed_at = max(m["iteration"] for m in read_metrics(out) if "total_loss" in m)
-    assert 19 <= killed_at < 49 and not (out / "model_final.pth").exists()
-    resumed = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "train_net.py"),
-            "--config-file",
-            QUICKSTART,
-            "--resume",
-            *opts,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert (
-        "Loading from" in resumed.stdout + resumed.stderr
-        and "model_0000024.pth" in resumed.stdout + resumed.stderr
-    )
-    iterations = [m["iteration"] for m in read_metrics(out) if "total_loss" in m]
-    # metrics.json keeps the first run's lines and continues after iteration 24 to the last.
-    assert iterations[0] == 19 and iterations[-1] == 49
-    assert [i for i in iterations if i > 24] == [39, 49]
-    assert "Final evaluation" in resumed.stdout
-    # The checkpoint resumed from is intact and loads; no temporary file is left behind.
-    model = Trainer.build_model(build_cfg(QUICKSTART, opts))
-    FCOSCheckpointer(model).load(str(out / "model_0000024.pth"))
-    assert not list(out.glob("*.tmp*"))
+@pytest.mark.parametrize(
+    "pointer, message",
+    [
+        (b"\x00\x13garbage\xff", "is not a checkpoint name"),
+        (b"", "is not a checkpoint name"),
+        (b"model_0000999.pth", "names model_0000999.pth, which does not exist"),
+    ],
+)
+def test_a_corrupted_last_checkpoint_is_named_on_resume(tmp_path, capsys, pointer, message):
+    from helpers import load_script
+
+    opts = tiny_opts(tmp_path, 3, **{"DATASETS.TEST": "()"})
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "last_checkpoint").write_bytes(pointer)
+    status = load_script("train_net.py").main(["--config-file", QUICKSTART, "--resume", *opts])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert f"train_net.py: error: --resume: {tmp_path / 'out' / 'last_checkpoint'}" in err
+    assert message in err and "delete it to start from MODEL.WEIGHTS" in err
+
+
+class SlowMapper:
+    def __call__(self, record: dict) -> dict:
+        time.sleep(0.05)
+        return record
+
+
+def test_a_killed_loader_process_stops_training_with_a_clear_error():
+    import multiprocessing
+
+    from detectron2.data.common import DatasetFromList
+
+    from fcos_d2.data.resumable import IndexStream, PositionedSamples, ResumableTrainLoader
+
+    records = [{"width": 4, "height": 4, "i": i} for i in range(8)]
+    samples = PositionedSamples(DatasetFromList(records), SlowMapper(), IndexStream(8, seed=0))
+    batches = iter(ResumableTrainLoader(samples, 2, num_workers=2))
+    next(batches)
+    workers = multiprocessing.active_children()
+    assert len(workers) == 2
+    os.kill(workers[0].pid, signal.SIGKILL)
+    start = time.time()
+    with pytest.raises(RuntimeError, match="a training data loader process died") as error:
+        for _ in range(100):
+            next(batches)
+    assert time.time() - start < 30  # an error, not a hang
+    assert "DATALOADER.NUM_WORKERS (now 2)" in str(error.value)
 
 
 WORKER = textwrap.dedent(

@@ -9,7 +9,15 @@ from detectron2.config import LazyConfig, instantiate
 from detectron2.data import DatasetMapper
 from detectron2.modeling import build_model
 from detectron2.solver import LRMultiplier, build_lr_scheduler
-from helpers import args_for, config_path, run_python, shapes_root, synthetic_image, tiny_opts
+from helpers import (
+    args_for,
+    config_path,
+    lazy_opts,
+    run_python,
+    shapes_root,
+    synthetic_image,
+    tiny_opts,
+)
 from omegaconf import ListConfig
 
 from fcos_d2.config import build_cfg
@@ -143,28 +151,6 @@ def test_lazy_config_has_the_yaml_training_recipe(lazy_file, yaml_file):
     assert lazy_channels_last == channels_last_for(cfg.MODEL.CHANNELS_LAST, cfg.MODEL.DEVICE)
     assert lazy.train.get("seed", -1) == cfg.SEED
     assert lazy.train.get("model_ema", {}).get("enabled", False) == cfg.MODEL_EMA.ENABLED
-
-
-def lazy_opts(tmp_path, max_iter: int) -> list:
-    """The quickstart LazyConfig shrunk as tests/helpers.py ``tiny_opts`` shrinks the YAML one."""
-    return [
-        f"train.output_dir={tmp_path / 'out'}",
-        "train.device=cpu",
-        f"train.max_iter={max_iter}",
-        "train.checkpointer.period=100",
-        f"datasets.root={shapes_root()}",
-        "datasets.num_train=16",
-        "datasets.num_val=8",
-        "datasets.image_size=[128,128]",
-        "dataloader.train.mapper.augmentations.0.short_edge_length=[128]",
-        "dataloader.train.mapper.augmentations.0.max_size=128",
-        "dataloader.test.mapper.augmentations.0.short_edge_length=128",
-        "dataloader.test.mapper.augmentations.0.max_size=128",
-        "dataloader.train.num_workers=0",
-        "dataloader.test.num_workers=0",
-        f"lr_multiplier.scheduler.milestones=[{max_iter - 1}]",
-        f"lr_multiplier.warmup_length={1 / max_iter}",
-    ]
 
 
 @pytest.mark.slow

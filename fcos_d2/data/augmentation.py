@@ -15,6 +15,7 @@ from detectron2.utils import comm
 from PIL import Image
 
 from ..checks import check_choice, check_that
+from .resumable import block_rng, current_sample
 
 SAMPLING_STYLES = ("choice", "range", "choice_per_batch")
 
@@ -23,10 +24,12 @@ class ResizeShortestEdgePerBatch(T.ResizeShortestEdge):
     """``ResizeShortestEdge`` that draws its shorter side from ``short_edge_length`` once every
     ``images_per_batch`` images.
 
-    The images of one batch share a size when the loader batches consecutive mapper calls: one
-    loader process at most (``DATALOADER.NUM_WORKERS`` 0 or 1) and one aspect-ratio group (as for
-    the square shapes images). Otherwise sizes mix within batches, which is still correct, as
-    Detectron2's "choice" is, only not cheaper.
+    In fcos_d2's training loader (:mod:`fcos_d2.data.resumable`) the size is drawn per block of
+    ``images_per_batch`` consecutive positions, seeded by the block: the images of one batch
+    share a size with any number of loader processes, whenever batches are consecutive positions
+    (one aspect-ratio group, as for the square shapes images). In Detectron2's loader it is drawn
+    every ``images_per_batch`` mapper calls of each loader process. Otherwise sizes mix within
+    batches, which is still correct, as Detectron2's "choice" is, only not cheaper.
     """
 
     def __init__(
@@ -45,7 +48,11 @@ class ResizeShortestEdgePerBatch(T.ResizeShortestEdge):
         self._size = int(self.short_edge_length[0])
 
     def get_transform(self, image: np.ndarray) -> T.Transform:
-        if self._images_seen % self.images_per_batch == 0:
+        sample = current_sample()
+        if sample is not None:
+            rng = block_rng(sample[1] // self.images_per_batch)
+            self._size = int(rng.choice(self.short_edge_length))
+        elif self._images_seen % self.images_per_batch == 0:
             self._size = int(np.random.choice(self.short_edge_length))
         self._images_seen += 1
         if self._size == 0:  # as ResizeShortestEdge: size 0 keeps the image

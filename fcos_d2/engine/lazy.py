@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from detectron2.config import instantiate
+from detectron2.data import build_detection_train_loader
 from detectron2.engine import default_setup, default_writers, hooks
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.modeling import DatasetMapperTTA
@@ -25,9 +26,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..checkpoint import FCOSCheckpointer
 from ..config import available_device, load_lazy_config
+from ..data.resumable import build_resumable_train_loader
 from ..inference.oracle import annotated_loader_config, uses_oracle_quality
 from ..inference.tta import FCOSWithTTA
 from . import runtime
+from .resume import trim_metrics
 
 logger = logging.getLogger("fcos_d2")
 
@@ -46,6 +49,25 @@ def setup(args) -> DictConfig:
 def build_model(cfg: DictConfig) -> torch.nn.Module:
     model = instantiate(cfg.model)
     return model.to(cfg.train.device)
+
+
+# How a saved (YAML) LazyConfig names Detectron2's train loader.
+DETECTRON2_TRAIN_LOADER_NAMES = (
+    "detectron2.data.build_detection_train_loader",
+    "detectron2.data.build.build_detection_train_loader",
+)
+
+
+def resumable_loader_config(cfg: DictConfig) -> DictConfig:
+    """``dataloader.train`` built by fcos_d2's exactly resumable loader where it names
+    Detectron2's ``build_detection_train_loader`` (same arguments), seeded by ``train.seed``."""
+    loader = copy.deepcopy(cfg.dataloader.train)
+    target = loader.get("_target_")
+    if target is build_detection_train_loader or target in DETECTRON2_TRAIN_LOADER_NAMES:
+        loader._target_ = build_resumable_train_loader
+        if loader.get("seed") is None:
+            loader.seed = OmegaConf.select(cfg, "train.seed", default=-1)
+    return loader
 
 
 def train_dataset_names(cfg: DictConfig) -> list[str]:
@@ -110,7 +132,7 @@ def do_train(args, cfg: DictConfig) -> dict[str, Any]:
     runtime.check_model_classes(model, train_dataset_names(cfg), "model.head.num_classes")
     cfg.optimizer.params.model = model
     optimizer = instantiate(cfg.optimizer)
-    train_loader = instantiate(cfg.dataloader.train)
+    train_loader = instantiate(resumable_loader_config(cfg))
     model = runtime.create_ddp_model(model, **cfg.train.ddp)
     trainer = runtime.build_step_runner(
         model,
@@ -154,10 +176,16 @@ def do_train(args, cfg: DictConfig) -> dict[str, Any]:
         hook_list.append(
             hooks.EvalHook(0, lambda: last_results.update(do_test_with_tta(cfg, model)))
         )
-    trainer.register_hooks(runtime.add_ema_hooks(hook_list, ema))
+    hook_list = runtime.add_ema_hooks(hook_list, ema)
+    period = cfg.train.checkpointer.get("period", 0)
+    trainer.register_hooks(
+        runtime.add_resume_hooks(hook_list, train_loader, model, checkpointer, period)
+    )
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
     # A checkpoint stores the iteration that just finished: resume at the next one.
     start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
+    if start_iter and main_process:
+        trim_metrics(cfg.train.output_dir, start_iter)
     trainer.train(start_iter, cfg.train.max_iter)
     return last_results
 

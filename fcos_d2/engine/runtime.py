@@ -26,6 +26,7 @@ from ..modeling.fcos import FCOS
 from ..precision import autocast_dtype
 from ..utils import unwrap_model
 from .ema import EMAHook, ModelEMA, evaluate_with_average
+from .resume import PreemptionHook, TrainingState
 
 logger = logging.getLogger("fcos_d2")
 
@@ -119,6 +120,15 @@ def add_ema_hooks(hook_list: list, ema: Optional[ModelEMA]) -> list:
         if isinstance(hook, hooks.EvalHook):
             wrap_eval_function(hook, partial(evaluate_with_average, ema))
     return hook_list
+
+
+def add_resume_hooks(
+    hook_list: list, data_loader, model: nn.Module, checkpointer, checkpoint_period: int
+) -> list:
+    """``hook_list`` with what an exact ``--resume`` needs in each checkpoint (first, so that it
+    is gathered before the checkpointer writes) and the stop on a preemption signal (last)."""
+    state = TrainingState(data_loader, model, checkpoint_period)
+    return [state, *hook_list, PreemptionHook(checkpointer, state)]
 
 
 def evaluation_model(model: nn.Module) -> nn.Module:

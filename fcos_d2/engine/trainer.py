@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 import torch
 from detectron2.config import CfgNode
-from detectron2.data import build_detection_test_loader, build_detection_train_loader
+from detectron2.data import build_detection_test_loader
 from detectron2.engine import DefaultTrainer, default_setup, hooks
 from detectron2.evaluation import COCOEvaluator, verify_results
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
@@ -18,13 +18,20 @@ from detectron2.utils import comm
 from ..checkpoint import FCOSCheckpointer
 from ..checks import check_choice
 from ..config import build_cfg
-from ..d2_compat import create_ddp_model_replaced, last_eval_results, replace_step_runner
+from ..d2_compat import (
+    create_ddp_model_replaced,
+    last_eval_results,
+    replace_step_runner,
+    step_runner,
+)
 from ..data.augmentation import build_train_mapper
 from ..data.builtin import register_datasets_from_config
+from ..data.resumable import build_train_loader_from_cfg
 from ..data.user_datasets import check_training_data
 from ..inference.oracle import build_annotated_test_loader
 from ..inference.tta import build_tta_model
 from . import runtime
+from .resume import trim_metrics
 
 logger = logging.getLogger("fcos_d2")
 
@@ -60,7 +67,9 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg: CfgNode):
-        return build_detection_train_loader(cfg, mapper=build_train_mapper(cfg))
+        """Resumable exactly (:mod:`fcos_d2.data.resumable`), one training size per batch with
+        ``INPUT.MIN_SIZE_TRAIN_SAMPLING: choice_per_batch``."""
+        return build_train_loader_from_cfg(cfg, build_train_mapper(cfg))
 
     @classmethod
     def build_test_loader(cls, cfg: CfgNode, dataset_name: str):
@@ -80,7 +89,18 @@ class Trainer(DefaultTrainer):
         self.checkpointer = FCOSCheckpointer(
             self.checkpointer.model, self.cfg.OUTPUT_DIR, **checkpointables
         )
-        return runtime.add_ema_hooks(super().build_hooks(), self.ema)
+        return runtime.add_resume_hooks(
+            runtime.add_ema_hooks(super().build_hooks(), self.ema),
+            step_runner(self).data_loader,
+            self.model,
+            self.checkpointer,
+            self.cfg.SOLVER.CHECKPOINT_PERIOD,
+        )
+
+    def resume_or_load(self, resume: bool = True) -> None:
+        super().resume_or_load(resume=resume)
+        if resume and self.start_iter > 0 and comm.is_main_process():
+            trim_metrics(self.cfg.OUTPUT_DIR, self.start_iter)
 
     @classmethod
     def build_optimizer(cls, cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimizer:

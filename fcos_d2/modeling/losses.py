@@ -41,6 +41,18 @@ def box_loss(pred: Tensor, target: Tensor, loss_type: str) -> tuple[Tensor, Tens
     return loss, iou
 
 
+def _weight_by_alpha_(
+    values: Tensor, index: Tensor, is_fg: Tensor, at_positives: float, elsewhere: float
+) -> Tensor:
+    """``values`` times ``elsewhere``, but times ``at_positives`` at each location's positive
+    class (``index`` where ``is_fg``), in place."""
+    at_index = values.gather(-1, index)
+    values.mul_(elsewhere)
+    return values.scatter_(
+        -1, index, torch.where(is_fg, at_positives * at_index, elsewhere * at_index)
+    )
+
+
 class _SigmoidFocalLossSum(torch.autograd.Function):
     """Summed sigmoid focal loss with its gradient computed in the same pass.
 
@@ -64,29 +76,26 @@ class _SigmoidFocalLossSum(torch.autograd.Function):
         at_index = z.gather(-1, index)
         z.scatter_(-1, index, torch.where(is_fg, -at_index, at_index))
         q = torch.sigmoid(z)
-        # softplus(z) = max(z, 0) + log(1 + exp(-|z|)): ATen's softplus and log1p do not
-        # vectorise on CPUs (docs/benchmarks.md). Where exp(-|z|) < 6e-8 the log rounds to 0, an
-        # absolute error below 6e-8 that focal weighting then shrinks.
+        # softplus(z) = max(z, 0) + log(1 + exp(-|z|)): faster on CPUs than ATen's softplus or
+        # log1p (docs/benchmarks.md). Rounding 1 + exp(-|z|) costs an absolute error below 6e-8,
+        # which focal weighting shrinks by q^gamma <= exp(-|z|)^gamma where it matters.
         softplus = z.abs().neg_().exp_().add_(1.0).log_().add_(z.clamp_(min=0))
         q_gamma = q * q if gamma == 2.0 else q.pow(gamma)
         # alpha < 0 turns the class weighting off, as in fvcore.
         alpha_pos, alpha_neg = (alpha, 1.0 - alpha) if alpha >= 0 else (1.0, 1.0)
-        at_positives = (q_gamma.gather(-1, index) * softplus.gather(-1, index) * is_fg).sum()
-        loss = alpha_neg * torch.dot(q_gamma.flatten(), softplus.flatten())
-        loss = loss + (alpha_pos - alpha_neg) * at_positives
         if ctx.needs_input_grad[0]:
             # dL/dz without alpha_t, in z's buffer: q^gamma * (gamma * (1 - q) * softplus + q).
             grad = torch.sub(q, 1.0, out=z).mul_(softplus).mul_(-gamma).add_(q).mul_(q_gamma)
             # times s * alpha_t: alpha_neg everywhere, -alpha_pos at the positives.
-            at_index = grad.gather(-1, index)
-            grad.mul_(alpha_neg)
-            grad.scatter_(
-                -1, index, torch.where(is_fg, -alpha_pos * at_index, alpha_neg * at_index)
-            )
+            _weight_by_alpha_(grad, index, is_fg, -alpha_pos, alpha_neg)
             # Kept in float32: under float16 AMP the loss scale multiplies it in backward.
             ctx.save_for_backward(grad)
             ctx.logits_dtype = logits.dtype
-        return loss
+        # Each term weighted, then one float32 sum (ATen's cascade summation, as fvcore's sum):
+        # the same rounding as fvcore's loss. Summing unweighted terms and correcting the
+        # positives afterwards would subtract large sums.
+        loss_terms = _weight_by_alpha_(q_gamma.mul_(softplus), index, is_fg, alpha_pos, alpha_neg)
+        return loss_terms.sum()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -225,12 +234,19 @@ class FCOSLoss:
         }
         return losses, num_pos
 
+    def state_dict(self) -> dict[str, Optional[Tensor]]:
+        """The running state (``moving_fg``'s average), for checkpoints that resume exactly."""
+        return {"moving_num_fg": self.moving_num_fg}
+
+    def load_state_dict(self, state: dict[str, Optional[Tensor]]) -> None:
+        self.moving_num_fg = state["moving_num_fg"]
+
     def _cls_normalizer(self, num_pos_avg: Tensor, is_fg: Tensor) -> Tensor:
         if self.cls_normalizer == "fg":
             return num_pos_avg
         if self.cls_normalizer == "moving_fg":
             previous = (
-                self.moving_num_fg
+                self.moving_num_fg.to(num_pos_avg)  # a checkpoint's is on the CPU
                 if self.moving_num_fg is not None
                 else num_pos_avg.new_tensor(100.0)
             )

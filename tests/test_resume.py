@@ -1,0 +1,254 @@
+"""Exact resume and preemption: a run killed or preempted after a checkpoint and resumed with
+``--resume`` ends with the weights of the run that was never interrupted (CPU, float32)."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from detectron2.engine import HookBase
+from helpers import QUICKSTART, REPO, args_for, config_path, lazy_opts, read_metrics, tiny_opts
+
+from fcos_d2.data.resumable import (
+    IndexStream,
+    PositionedSamples,
+    ResumableTrainLoader,
+    current_sample,
+)
+from fcos_d2.engine import Trainer, main, setup
+from fcos_d2.engine.resume import PREEMPTED_EXIT_STATUS, trim_metrics
+
+MAX_ITER, PERIOD = 16, 4
+
+
+def opts_for(tmp_path, workers: int = 0) -> list:
+    return tiny_opts(
+        tmp_path,
+        MAX_ITER,
+        **{
+            "SOLVER.CHECKPOINT_PERIOD": PERIOD,
+            "SOLVER.AMP.ENABLED": False,  # float32: the claim is bit-identical weights
+            "DATALOADER.NUM_WORKERS": workers,
+            "DATASETS.TEST": "()",
+            "SEED": 7,
+        },
+    )
+
+
+def final_weights(tmp_path) -> dict:
+    return torch.load(tmp_path / "out" / "model_final.pth", weights_only=True)["model"]
+
+
+def assert_same_weights(ours: dict, reference: dict) -> None:
+    assert ours.keys() == reference.keys()
+    different = [k for k in reference if not torch.equal(ours[k], reference[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+# --- the data stream ---------------------------------------------------------------------------
+
+
+def test_index_stream_epochs_are_permutations_and_ranks_interleave():
+    single = IndexStream(10, seed=3)
+    draws = [single.index(p) for p in range(30)]
+    assert all(sorted(draws[e * 10 : e * 10 + 10]) == list(range(10)) for e in range(3))
+    assert draws[:10] != draws[10:20]  # each epoch its own order
+    # Process r of 2 takes global draws r, r + 2, ... (Detectron2's TrainingSampler sharding).
+    ranks = [IndexStream(10, seed=3, rank=r, world_size=2) for r in range(2)]
+    assert [ranks[p % 2].index(p // 2) for p in range(30)] == draws
+    # Any position directly, in any order: no replay from the start.
+    assert IndexStream(10, seed=3).index(25) == draws[25]
+
+
+class RandomSize:
+    """A mapper whose output depends on the image and on the global numpy generator."""
+
+    def __call__(self, record: dict) -> dict:
+        return {**record, "draw": float(np.random.rand()), "position": current_sample()[1]}
+
+
+def loader(workers: int, batch_size: int = 3) -> ResumableTrainLoader:
+    # Widths alternate with heights: two aspect-ratio groups that fill at different rates.
+    records = [{"image_id": i, "width": 20 + 7 * (i % 3), "height": 30} for i in range(11)]
+    from detectron2.data.common import DatasetFromList
+
+    samples = PositionedSamples(DatasetFromList(records), RandomSize(), IndexStream(11, seed=5))
+    return ResumableTrainLoader(samples, batch_size, num_workers=workers)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_state_restores_the_same_batches(workers):
+    reference = loader(0)
+    expected = [batch for batch, _ in zip(reference, range(12))]
+    first = loader(workers)
+    iterator = iter(first)
+    seen = [next(iterator) for _ in range(5)]
+    state = first.state_dict()
+    assert sum(len(g) for g in state["waiting"]) > 0  # an incomplete group is carried over
+    resumed = loader(workers)
+    resumed.load_state_dict(state)
+    seen += [batch for batch, _ in zip(resumed, range(7))]
+    # Same images, same random draws, same grouping, whatever the number of loader processes.
+    assert seen == expected
+    assert all(len({s["width"] > s["height"] for s in batch}) == 1 for batch in seen)
+
+
+def test_mapping_leaves_the_callers_generators_alone():
+    np.random.seed(0)
+    before = np.random.rand()
+    np.random.seed(0)
+    next(iter(loader(0)))
+    assert np.random.rand() == before
+
+
+# --- training -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """Final weights of the runs never interrupted, by number of loader processes."""
+    weights = {}
+    for workers in (0, 2):
+        folder = tmp_path_factory.mktemp(f"uninterrupted{workers}")
+        main(args_for(opts_for(folder, workers)))
+        weights[workers] = final_weights(folder)
+    return weights
+
+
+class SignalAt(HookBase):
+    def __init__(self, iteration: int):
+        self.iteration = iteration
+
+    def after_step(self):
+        if self.trainer.iter == self.iteration:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.mark.slow
+def test_preempted_run_checkpoints_exits_75_and_resumes_exactly(tmp_path, uninterrupted):
+    opts = opts_for(tmp_path)
+    trainer = Trainer(setup(args_for(opts)))
+    trainer.register_hooks([SignalAt(5)])  # after the preemption hook: seen one step later
+    trainer.resume_or_load(resume=False)
+    with pytest.raises(SystemExit) as stop:
+        trainer.train()
+    assert stop.value.code == PREEMPTED_EXIT_STATUS
+    out = tmp_path / "out"
+    assert (out / "last_checkpoint").read_text() == "model_0000006.pth"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+    main(args_for(opts, resume=True))
+    assert_same_weights(final_weights(tmp_path), uninterrupted[0])
+    iterations = [m["iteration"] for m in read_metrics(out) if "total_loss" in m]
+    assert iterations == sorted(set(iterations))  # metrics.json continues, no duplicates
+
+
+def start_training(opts: list, *flags: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "train_net.py"), "--config-file", QUICKSTART, *flags, *opts],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+    )
+
+
+def wait_for_checkpoint(run: subprocess.Popen, out, name: str) -> None:
+    deadline = time.time() + 300
+    while not (
+        (out / "last_checkpoint").exists() and (out / "last_checkpoint").read_text() == name
+    ):
+        assert run.poll() is None, run.stderr.read()[-3000:]
+        assert time.time() < deadline
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [0, 2])
+def test_kill_9_after_a_checkpoint_then_resume_gives_the_uninterrupted_weights(
+    tmp_path, uninterrupted, workers
+):
+    opts = opts_for(tmp_path, workers)
+    out = tmp_path / "out"
+    run = start_training(opts)
+    wait_for_checkpoint(run, out, "model_0000003.pth")
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    assert not (out / "model_final.pth").exists()
+    main(args_for(opts, resume=True))
+    assert_same_weights(final_weights(tmp_path), uninterrupted[workers])
+
+
+@pytest.mark.slow
+def test_two_processes_stop_together_on_sigterm_and_resume_exactly(tmp_path):
+    """Gloo on the CPU: SIGTERM to the launching process reaches both training processes, which
+    stop after the same iteration; resumed, they end with the weights of an uninterrupted run."""
+    reference_opts = opts_for(tmp_path / "reference")
+    done = subprocess.run(
+        [sys.executable, str(REPO / "train_net.py"), "--config-file", QUICKSTART,
+         "--num-gpus", "2", *reference_opts],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    opts = opts_for(tmp_path)
+    out = tmp_path / "out"
+    run = start_training(opts, "--num-gpus", "2")
+    wait_for_checkpoint(run, out, "model_0000003.pth")
+    run.send_signal(signal.SIGTERM)
+    _, stderr = run.communicate(timeout=300)
+    assert run.returncode == PREEMPTED_EXIT_STATUS, stderr[-3000:]
+    stopped = [line for line in stderr.splitlines() if "SIGTERM received: stopped after" in line]
+    assert stopped, stderr[-3000:]
+    assert not (out / "model_final.pth").exists()
+    resumed = start_training(opts, "--num-gpus", "2", "--resume")
+    _, stderr = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, stderr[-3000:]
+    assert_same_weights(final_weights(tmp_path), final_weights(tmp_path / "reference"))
+
+
+@pytest.mark.slow
+def test_lazy_config_trainer_preempted_then_resumed_exactly(tmp_path):
+    from fcos_d2.engine.lazy import main as lazy_main
+
+    config = config_path("configs/LazyConfig/fcos_R_18_shapes.py")
+
+    def opts(folder):
+        return lazy_opts(folder, MAX_ITER) + [
+            f"train.checkpointer.period={PERIOD}",
+            "train.amp.enabled=False",
+            "train.seed=7",
+            "train.eval_period=0",
+        ]
+
+    lazy_main(args_for(opts(tmp_path / "reference"), config_file=config))
+    out = tmp_path / "out"
+
+    def signal_after_the_first_checkpoint():
+        while not (out / "last_checkpoint").exists():
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)  # the training (main) thread handles it
+
+    threading.Thread(target=signal_after_the_first_checkpoint, daemon=True).start()
+    with pytest.raises(SystemExit) as stop:
+        lazy_main(args_for(opts(tmp_path), config_file=config))
+    assert stop.value.code == PREEMPTED_EXIT_STATUS
+    assert not (out / "model_final.pth").exists()
+    lazy_main(args_for(opts(tmp_path), config_file=config, resume=True))
+    assert_same_weights(final_weights(tmp_path), final_weights(tmp_path / "reference"))
+    iterations = [m["iteration"] for m in read_metrics(out) if "total_loss" in m]
+    assert iterations == sorted(set(iterations))
+
+
+def test_trim_metrics_keeps_the_records_before_the_resumed_iteration(tmp_path):
+    lines = ['{"iteration": 19, "a": 1}', '{"iteration": 39, "a": 2}', '{"iteration": 4']
+    (tmp_path / "metrics.json").write_text("\n".join(lines))
+    with open(tmp_path / "metrics.json", "a") as writer:  # opened before, as Detectron2's is
+        assert trim_metrics(str(tmp_path), 25) == 2
+        writer.write('{"iteration": 39, "a": 3}\n')
+    assert (tmp_path / "metrics.json").read_text() == lines[
+        0
+    ] + "\n" + '{"iteration": 39, "a": 3}\n'
