@@ -7,13 +7,16 @@ python train_net.py --config-file CFG --num-gpus 2      # 2 processes (GPUs, or 
 python train_net.py --config-file CFG --num-machines 2 --machine-rank 0 --dist-url tcp://HOST:PORT
 """
 
+import fcos_d2  # noqa: F401  (first: it quiets fvcore's import-time warnings)
+
+# isort: split
 import sys
 from typing import Optional
 
 from detectron2.evaluation import print_csv_format
 
 from fcos_d2.cli import training_command
-from fcos_d2.config import build_cfg
+from fcos_d2.config import build_cfg, check_start_weights
 from fcos_d2.engine import main as train_and_evaluate
 
 
@@ -25,12 +28,18 @@ def print_results(results: dict) -> None:
         print_csv_format(tasks)
 
 
+def check_config(args) -> None:
+    """The config's errors (missing file, unknown key, wrong type, missing weights) before any
+    process starts."""
+    cfg = build_cfg(args.config_file, args.opts)
+    check_start_weights(cfg.MODEL.WEIGHTS, cfg.OUTPUT_DIR, args.resume, "MODEL.WEIGHTS")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     return training_command(
         "train_net.py",
         train_and_evaluate,
-        # The config's errors (missing file, unknown key, wrong type) before processes start.
-        check_config=lambda args: build_cfg(args.config_file, args.opts),
+        check_config=check_config,
         report=print_results,
         argv=argv,
     )

@@ -6,8 +6,18 @@
 package and the one rule between them: README, "Layout".
 """
 
-from .config import add_fcos_config, build_cfg
-from .modeling import FCOS, FCOSHead, build_fcos_resnet_fpn_backbone
+import warnings
+
+with warnings.catch_warnings():
+    # fvcore and Detectron2's box coder compile functions with torch.jit.script when first
+    # imported, which torch deprecates: warnings in every command, about code fcos-d2 never runs.
+    # Silenced for these imports only: torch.jit.script elsewhere still warns.
+    warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)
+    import detectron2.modeling  # noqa: F401
+    import fvcore.nn  # noqa: F401
+
+from .config import add_fcos_config, build_cfg  # noqa: E402
+from .modeling import FCOS, FCOSHead, build_fcos_resnet_fpn_backbone  # noqa: E402
 
 __version__ = "0.1.0"
 

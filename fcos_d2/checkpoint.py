@@ -32,8 +32,17 @@ class FCOSCheckpointer(WeightsOnlyTorchLoad, DetectionCheckpointer):
         data = {"model": self.model.state_dict()}
         data.update({key: obj.state_dict() for key, obj in self.checkpointables.items()})
         data.update(kwargs)
-        basename = f"{name}.pth"
-        save_file = os.path.join(self.save_dir, basename)
+        self._write(name, data)
+        self.tag_last_checkpoint(f"{name}.pth")
+
+    def save_weights(self, name: str, **extra) -> None:
+        """``name.pth`` with the model's weights (and ``extra``) only, as ``model_final.pth``
+        holds them for ``MODEL.WEIGHTS``; ``last_checkpoint`` keeps naming the training state."""
+        if self.save_dir and self.save_to_disk:
+            self._write(name, {"model": self.model.state_dict(), **extra})
+
+    def _write(self, name: str, data: dict) -> None:
+        save_file = os.path.join(self.save_dir, f"{name}.pth")
         self.logger.info("Saving checkpoint to %s", save_file)
         try:
             atomic_write(save_file, lambda f: torch.save(data, f))
@@ -43,30 +52,6 @@ class FCOSCheckpointer(WeightsOnlyTorchLoad, DetectionCheckpointer):
                 f"could not write checkpoint {save_file} ({error.strerror or error}); the "
                 "previous checkpoints and last_checkpoint are unchanged",
             ) from error
-        self.tag_last_checkpoint(basename)
-
-    def get_checkpoint_file(self) -> str:
-        """The checkpoint ``last_checkpoint`` names, checked: a pointer that is not a file name or
-        names a missing file is a :class:`ConfigError` naming it, not a failure to load later."""
-        tag = os.path.join(self.save_dir, "last_checkpoint")
-        try:
-            with open(tag, "rb") as f:
-                content = f.read()
-        except FileNotFoundError:
-            return ""  # removed by another process meanwhile: start afresh, as fvcore does
-        name = content.decode("utf-8", errors="replace").strip()
-        fix = (
-            f"delete it to start from MODEL.WEIGHTS, or write into it the file name of a "
-            f"checkpoint in {self.save_dir} (e.g. model_0004999.pth)"
-        )
-        if not name or not name.isprintable() or os.sep in name or len(name) > 255:
-            raise ConfigError(
-                f"--resume: {tag} is not a checkpoint name (it holds {content[:60]!r}): {fix}"
-            )
-        path = os.path.join(self.save_dir, name)
-        if not os.path.isfile(path):
-            raise ConfigError(f"--resume: {tag} names {name}, which does not exist: {fix}")
-        return path
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         tag = os.path.join(self.save_dir, "last_checkpoint")

@@ -4,69 +4,22 @@ import json
 import subprocess
 from pathlib import Path
 
-import cv2
-import numpy as np
 import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from helpers import QUICKSTART, REPO, args_for, run_python, tiny_opts
+from helpers import (
+    CATEGORIES,
+    QUICKSTART,
+    REPO,
+    SIZE,
+    args_for,
+    draw_records,
+    run_python,
+    tiny_opts,
+    write_coco,
+)
 
 from fcos_d2.config import build_cfg
 from fcos_d2.data.user_datasets import DatasetConfigError, register_user_datasets
-
-SIZE = 96
-# Category ids as a COCO subset would have them: not contiguous, not starting at 1.
-CATEGORIES = {3: "square", 7: "disc"}
-
-
-def draw_records(folder: Path, count: int, seed: int) -> list:
-    """``count`` 96x96 JPEG images with one or two objects each (squares: class 3, discs: 7);
-    returns (file name, [(category id, [x0, y0, x1, y1])])."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    records = []
-    for index in range(count):
-        image = np.full((SIZE, SIZE, 3), 40, dtype=np.uint8)
-        objects = []
-        for k in range(1 + index % 2):
-            side = int(rng.integers(20, 40))
-            x0, y0 = int(rng.integers(0, SIZE - side)), int(rng.integers(0, SIZE - side))
-            category = (3, 7)[(index + k) % 2]
-            if category == 3:
-                cv2.rectangle(image, (x0, y0), (x0 + side - 1, y0 + side - 1), (0, 200, 0), -1)
-            else:
-                cv2.circle(image, (x0 + side // 2, y0 + side // 2), side // 2, (0, 0, 220), -1)
-            objects.append((category, [x0, y0, x0 + side, y0 + side]))
-        name = f"img{index:03d}.jpg"
-        cv2.imwrite(str(folder / name), image)
-        records.append((name, objects))
-    return records
-
-
-def write_coco(root: Path, split: str, count: int, seed: int) -> Path:
-    records = draw_records(root / "images", count, seed)
-    data = {
-        "images": [
-            {"id": i + 1, "file_name": n, "width": SIZE, "height": SIZE}
-            for i, (n, _) in enumerate(records)
-        ],
-        "annotations": [],
-        "categories": [{"id": k, "name": v} for k, v in CATEGORIES.items()],
-    }
-    for image_id, (_, objects) in enumerate(records, start=1):
-        for category, (x0, y0, x1, y1) in objects:
-            data["annotations"].append(
-                {
-                    "id": len(data["annotations"]) + 1,
-                    "image_id": image_id,
-                    "category_id": category,
-                    "bbox": [x0, y0, x1 - x0, y1 - y0],
-                    "area": (x1 - x0) * (y1 - y0),
-                    "iscrowd": 0,
-                }
-            )
-    json_file = root / f"{split}.json"
-    json_file.write_text(json.dumps(data))
-    return json_file
 
 
 def write_voc(root: Path, split: str, count: int, seed: int) -> None:

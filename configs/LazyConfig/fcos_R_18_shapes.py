@@ -15,6 +15,7 @@ from fcos_d2.data.augmentation import ResizeShortestEdgePerBatch
 from fcos_d2.data.builtin import register_shapes
 
 from .common.fcos import model
+from .common.runtime import best_checkpoint as _best_checkpoint
 from .common.runtime import model_ema as _model_ema
 from .common.runtime import test as _test
 
@@ -87,6 +88,7 @@ train.checkpointer.period = 500
 train.eval_period = 0  # evaluate once, at the end of training
 train.seed = 0
 train.model_ema = _model_ema  # MODEL_EMA.*
+train.best_checkpoint = _best_checkpoint  # SOLVER.BEST_CHECKPOINT.*
 train.output_dir = "output/quickstart/FCOS_R_18_shapes_lazy"
 
 test = _test  # TEST.AUG.* (top-level names starting with _ are not config keys)

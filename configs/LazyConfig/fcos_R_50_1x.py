@@ -11,6 +11,7 @@ from detectron2.model_zoo import get_config
 from fcos_d2.modeling.fcos import channels_last_for
 
 from .common.fcos import model
+from .common.runtime import best_checkpoint as _best_checkpoint
 from .common.runtime import model_ema as _model_ema
 from .common.runtime import test as _test
 
@@ -34,5 +35,6 @@ train.output_dir = "output/fcos/R_50_1x"
 train.eval_period = 0  # evaluate once, at the end of training
 train.amp.cpu_bf16 = "auto"  # SOLVER.AMP.CPU_BF16
 train.model_ema = _model_ema  # MODEL_EMA.*
+train.best_checkpoint = _best_checkpoint  # SOLVER.BEST_CHECKPOINT.*
 
 test = _test  # TEST.AUG.* (top-level names starting with _ are not config keys)

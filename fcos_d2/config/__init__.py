@@ -3,7 +3,7 @@ accepts (:func:`check_authors_keys`) and a ready config for commands (:func:`bui
 files with checked overrides (:func:`load_lazy_config`)."""
 
 from .authors import check_authors_keys
-from .build import available_device, build_cfg
+from .build import available_device, build_cfg, check_start_weights
 from .defaults import add_fcos_config
 from .lazy import load_lazy_config
 
@@ -11,6 +11,7 @@ __all__ = [
     "add_fcos_config",
     "available_device",
     "build_cfg",
+    "check_start_weights",
     "check_authors_keys",
     "load_lazy_config",
 ]

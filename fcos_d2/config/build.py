@@ -51,6 +51,16 @@ def build_cfg(config_file: str = "", opts: Sequence[str] = ()) -> CfgNode:
     return cfg
 
 
+def check_start_weights(weights: str, output_dir: str, resume: bool, key: str) -> None:
+    """Before anything starts (and before pages of config are logged): the weights a run starts
+    from (``key``) must exist where they are a local file; with ``resume`` and a
+    ``last_checkpoint`` in ``output_dir`` they are not used, as in Detectron2."""
+    if resume and os.path.isfile(os.path.join(output_dir, "last_checkpoint")):
+        return
+    if weights and "://" not in weights and not os.path.isfile(weights):
+        raise ConfigError(f"{key}: checkpoint file {weights} does not exist")
+
+
 def _yacs_message(error: Exception) -> str:
     # KeyError's str() quotes its message; the others are plain.
     return error.args[0] if isinstance(error, KeyError) and error.args else str(error)

@@ -36,6 +36,9 @@ def _add_test_keys(cfg: CN) -> None:
     # detections of all augmented inputs with per-class NMS; with box voting each kept box becomes
     # the score-weighted mean of the same-class boxes overlapping it at IoU >= MODEL.FCOS.NMS_TH.
     cfg.TEST.AUG.BOX_VOTING = False
+    # ours: at each evaluation also the training losses on the test sets ("validation/..." in the
+    # results, metrics.json and TensorBoard; FCOS detector only; fcos_d2/inference/validation.py).
+    cfg.TEST.VAL_LOSS = False
 
 
 def _add_solver_keys(cfg: CN) -> None:
@@ -57,6 +60,11 @@ def _add_solver_keys(cfg: CN) -> None:
     # training use it and model_final.pth holds it. Off by default (README: it did not help the
     # quickstart's short schedule).
     cfg.MODEL_EMA = CN({"ENABLED": False, "DECAY": 0.999})
+    # ours: keep model_best.pth, the weights that scored best on METRIC ("<task>/<name>" as in
+    # metrics.json, e.g. "bbox/AP50", or "validation/total_loss" with TEST.VAL_LOSS) at the
+    # evaluations (TEST.EVAL_PERIOD), MODE "max" or "min"; "" (default) keeps none
+    # (fcos_d2/engine/best_checkpoint.py).
+    cfg.SOLVER.BEST_CHECKPOINT = CN({"METRIC": "", "MODE": "max"})
 
 
 def _add_dataset_keys(cfg: CN) -> None:

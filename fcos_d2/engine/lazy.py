@@ -29,7 +29,9 @@ from ..config import available_device, load_lazy_config
 from ..data.resumable import build_resumable_train_loader
 from ..inference.oracle import annotated_loader_config, uses_oracle_quality
 from ..inference.tta import FCOSWithTTA
+from ..inference.validation import validation_losses
 from . import runtime
+from .best_checkpoint import BestCheckpoint, check_metric
 from .resume import trim_metrics
 
 logger = logging.getLogger("fcos_d2")
@@ -93,6 +95,9 @@ def do_test(cfg: DictConfig, model: torch.nn.Module, suffix: str = "") -> dict[s
     )
     if comm.is_main_process():
         print_csv_format(results)
+    if not suffix and OmegaConf.select(cfg, "test.val_loss", default=False):
+        annotated = instantiate(annotated_loader_config(cfg.dataloader.test))
+        results["validation"] = validation_losses(model, annotated)
     return {k + suffix: v for k, v in results.items()}
 
 
@@ -177,6 +182,14 @@ def do_train(args, cfg: DictConfig) -> dict[str, Any]:
             hooks.EvalHook(0, lambda: last_results.update(do_test_with_tta(cfg, model)))
         )
     hook_list = runtime.add_ema_hooks(hook_list, ema)
+    metric = OmegaConf.select(cfg, "train.best_checkpoint.metric", default="")
+    if metric:
+        mode = OmegaConf.select(cfg, "train.best_checkpoint.mode", default="max")
+        val_loss = OmegaConf.select(cfg, "test.val_loss", default=False)
+        check_metric(metric, mode, val_loss, key="train.best_checkpoint")
+        if main_process:
+            best = BestCheckpoint(checkpointer, metric, mode, cfg.train.eval_period, ema)
+            hook_list = runtime.add_best_checkpoint_hook(hook_list, best)
     period = cfg.train.checkpointer.get("period", 0)
     trainer.register_hooks(
         runtime.add_resume_hooks(hook_list, train_loader, model, checkpointer, period)

@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 from detectron2.data import MetadataCatalog
-from detectron2.engine import AMPTrainer, SimpleTrainer, TrainerBase, hooks
+from detectron2.engine import AMPTrainer, HookBase, SimpleTrainer, TrainerBase, hooks
 from detectron2.engine.defaults import create_ddp_model as d2_create_ddp_model
 from detectron2.utils import comm
 from torch import nn
@@ -120,6 +120,13 @@ def add_ema_hooks(hook_list: list, ema: Optional[ModelEMA]) -> list:
         if isinstance(hook, hooks.EvalHook):
             wrap_eval_function(hook, partial(evaluate_with_average, ema))
     return hook_list
+
+
+def add_best_checkpoint_hook(hook_list: list, best: HookBase) -> list:
+    """``hook_list`` with ``best`` right after the evaluation hook, whose results it reads."""
+    hook_list = [h for h in hook_list if h is not None]
+    evaluation = [isinstance(h, hooks.EvalHook) for h in hook_list].index(True)
+    return hook_list[: evaluation + 1] + [best] + hook_list[evaluation + 1 :]
 
 
 def add_resume_hooks(

@@ -30,7 +30,9 @@ from ..data.resumable import build_train_loader_from_cfg
 from ..data.user_datasets import check_training_data
 from ..inference.oracle import build_annotated_test_loader
 from ..inference.tta import build_tta_model
+from ..inference.validation import validation_losses
 from . import runtime
+from .best_checkpoint import BestCheckpoint, check_metric
 from .resume import trim_metrics
 
 logger = logging.getLogger("fcos_d2")
@@ -44,6 +46,9 @@ class Trainer(DefaultTrainer):
 
     def __init__(self, cfg: CfgNode):
         check_training_data(cfg)
+        if cfg.SOLVER.BEST_CHECKPOINT.METRIC:
+            best = cfg.SOLVER.BEST_CHECKPOINT
+            check_metric(best.METRIC, best.MODE, cfg.TEST.VAL_LOSS)
         # Else DefaultTrainer builds the CUDA-only AMPTrainer, which warns on CPUs; the runtime
         # then picks the step runner by device.
         float32_cfg = cfg.clone()
@@ -89,8 +94,17 @@ class Trainer(DefaultTrainer):
         self.checkpointer = FCOSCheckpointer(
             self.checkpointer.model, self.cfg.OUTPUT_DIR, **checkpointables
         )
+        hook_list = runtime.add_ema_hooks(super().build_hooks(), self.ema)
+        best = self.cfg.SOLVER.BEST_CHECKPOINT
+        if best.METRIC and comm.is_main_process():
+            hook_list = runtime.add_best_checkpoint_hook(
+                hook_list,
+                BestCheckpoint(
+                    self.checkpointer, best.METRIC, best.MODE, self.cfg.TEST.EVAL_PERIOD, self.ema
+                ),
+            )
         return runtime.add_resume_hooks(
-            runtime.add_ema_hooks(super().build_hooks(), self.ema),
+            hook_list,
             step_runner(self).data_loader,
             self.model,
             self.checkpointer,
@@ -136,8 +150,15 @@ class Trainer(DefaultTrainer):
     @classmethod
     def test(cls, cfg: CfgNode, model: torch.nn.Module, evaluators=None) -> "OrderedDict[str, Any]":
         """Detectron2's evaluation; ``MODEL.FCOS.INFERENCE_QUALITY: oracle`` evaluates the model
-        through the oracle wrapper, on inputs that keep their annotations."""
-        return super().test(cfg, runtime.evaluation_model(model), evaluators)
+        through the oracle wrapper, on inputs that keep their annotations; ``TEST.VAL_LOSS`` adds
+        the losses on each test set as ``validation``."""
+        results = super().test(cfg, runtime.evaluation_model(model), evaluators)
+        if cfg.TEST.VAL_LOSS:
+            for name in cfg.DATASETS.TEST:
+                losses = validation_losses(model, build_annotated_test_loader(cfg, name))
+                # DefaultTrainer.test returns one dataset's results unnested.
+                (results if len(cfg.DATASETS.TEST) == 1 else results[name])["validation"] = losses
+        return results
 
     @classmethod
     def test_with_TTA(cls, cfg: CfgNode, model: torch.nn.Module) -> "OrderedDict[str, Any]":

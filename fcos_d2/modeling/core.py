@@ -166,14 +166,17 @@ class FCOSCore:
         features: Sequence[Tensor],
         predictions: FCOSHeadOutputs,
         gt_instances: list[Instances],
+        training: bool = True,
     ) -> tuple[dict[str, Tensor], Tensor]:
-        """The loss dict and the worker-averaged number of positives (a tensor: no host sync)."""
+        """The loss dict and the worker-averaged number of positives (a tensor: no host sync);
+        ``training=False``: a validation loss (see :class:`FCOSLoss`)."""
         targets = self.targets(features, gt_instances)
         return self.loss(
             flatten_predictions(predictions.cls_logits, self.num_classes),
             flatten_predictions(predictions.box_reg, 4),
             flatten_predictions(predictions.quality_logits, 1).squeeze(2),
             targets,
+            training=training,
         )
 
     def inference(

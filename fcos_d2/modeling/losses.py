@@ -118,8 +118,8 @@ def sigmoid_focal_loss_sum(
     return _SigmoidFocalLossSum.apply(logits, labels, alpha, gamma)
 
 
-def _mean_over_workers(value: Tensor) -> Tensor:
-    if comm.get_world_size() > 1:
+def _mean_over_workers(value: Tensor, enabled: bool = True) -> Tensor:
+    if enabled and comm.get_world_size() > 1:
         value = value.clone()
         torch.distributed.all_reduce(value)
         value = value / comm.get_world_size()
@@ -189,22 +189,30 @@ class FCOSLoss:
         }
 
     def __call__(
-        self, cls_logits: Tensor, box_reg: Tensor, quality_logits: Tensor, targets: FCOSTargets
+        self,
+        cls_logits: Tensor,
+        box_reg: Tensor,
+        quality_logits: Tensor,
+        targets: FCOSTargets,
+        training: bool = True,
     ) -> tuple[dict[str, Tensor], Tensor]:
         """
         Args:
             cls_logits: (N, L, C); box_reg: (N, L, 4) in target units; quality_logits: (N, L).
+            training: False for a validation loss: normalizers from this process's batch alone
+                (no all-reduce: processes may see different numbers of batches), running state
+                (``moving_fg``) read but not updated.
         Returns:
             the loss dict and the number of positives averaged over workers (a tensor).
         """
         is_fg = targets.labels != self.num_classes
-        num_pos = _mean_over_workers(is_fg.sum().to(box_reg.dtype))
+        num_pos = _mean_over_workers(is_fg.sum().to(box_reg.dtype), training)
         num_pos_avg = num_pos.clamp(min=1.0)
 
         loss_cls = sigmoid_focal_loss_sum(
             cls_logits, targets.labels, alpha=self.focal_alpha, gamma=self.focal_gamma
         )
-        loss_cls = loss_cls / self._cls_normalizer(num_pos_avg, is_fg)
+        loss_cls = loss_cls / self._cls_normalizer(num_pos_avg, is_fg, training)
 
         fg = is_fg.to(box_reg.dtype)
         # Background rows get a dummy unit box so that IoU and center-ness stay finite there:
@@ -215,7 +223,7 @@ class FCOSLoss:
             quality_targets = centerness_from_ltrb(reg_targets)
             if self.reg_loss_weighting == "ctrness":
                 loc_weights = quality_targets * fg
-                loc_normalizer = _mean_over_workers(loc_weights.sum()).clamp(min=1e-6)
+                loc_normalizer = _mean_over_workers(loc_weights.sum(), training).clamp(min=1e-6)
             else:
                 loc_weights, loc_normalizer = fg, num_pos_avg
         else:
@@ -241,7 +249,7 @@ class FCOSLoss:
     def load_state_dict(self, state: dict[str, Optional[Tensor]]) -> None:
         self.moving_num_fg = state["moving_num_fg"]
 
-    def _cls_normalizer(self, num_pos_avg: Tensor, is_fg: Tensor) -> Tensor:
+    def _cls_normalizer(self, num_pos_avg: Tensor, is_fg: Tensor, training: bool) -> Tensor:
         if self.cls_normalizer == "fg":
             return num_pos_avg
         if self.cls_normalizer == "moving_fg":
@@ -251,6 +259,9 @@ class FCOSLoss:
                 else num_pos_avg.new_tensor(100.0)
             )
             momentum = self.moving_fg_momentum
-            self.moving_num_fg = (momentum * previous + (1 - momentum) * num_pos_avg).detach()
-            return self.moving_num_fg
-        return _mean_over_workers(torch.full((), float(is_fg.numel()), device=is_fg.device))
+            moving = (momentum * previous + (1 - momentum) * num_pos_avg).detach()
+            if training:
+                self.moving_num_fg = moving
+            return moving
+        count = torch.full((), float(is_fg.numel()), device=is_fg.device)
+        return _mean_over_workers(count, training)

@@ -5,6 +5,10 @@ other key. Each is the twin of a yacs key."""
 # MODEL_EMA.*: the moving average of the weights (fcos_d2/engine/ema.py); set as train.model_ema.
 model_ema = dict(enabled=False, decay=0.999)
 
+# SOLVER.BEST_CHECKPOINT.*: model_best.pth, the best weights by one evaluation metric (e.g.
+# "bbox/AP50"; "" keeps none; fcos_d2/engine/best_checkpoint.py); set as train.best_checkpoint.
+best_checkpoint = dict(metric="", mode="max")
+
 # TEST.AUG.*: evaluation with test-time augmentation (fcos_d2/inference/tta.py) as `bbox_TTA`,
 # with --eval-only and after training; a top-level `test` entry.
 test = dict(
@@ -14,5 +18,7 @@ test = dict(
         max_size=4000,
         flip=True,
         box_voting=False,
-    )
+    ),
+    # TEST.VAL_LOSS: the training losses on the test set at each evaluation ("validation/...").
+    val_loss=False,
 )
