@@ -195,10 +195,16 @@ class Check:
             raise RuntimeError(f"{shlex.join(command)} exited with {returncode}:\n{tail(output)}")
         return result
 
-    def python_json(self, code: str, stage: str, deadline: float) -> dict:
-        """The JSON that ``code`` prints as its last line, run by the checked Python."""
+    def python_json(self, code: str, stage: str, deadline: float):
+        """The JSON that ``code``, run by the checked Python, prints on its last line of stdout
+        (warnings on stderr share the log: the last line that parses is taken)."""
         result = self.run([self.python, "-c", code], stage, deadline, check=True)
-        return json.loads(result.stdout.strip().splitlines()[-1])
+        for line in reversed(result.stdout.strip().splitlines()):
+            try:
+                return json.loads(line)
+            except ValueError:
+                continue
+        raise RuntimeError(f"no JSON in the output of {code[:60]!r}:\n{tail(result.stdout)}")
 
     # Results ---------------------------------------------------------------------------------
 
@@ -381,16 +387,22 @@ def install_wheels(check: Check, deadline: float) -> dict:
 
 
 def nvidia_smi(check: Check, deadline: float) -> Optional[dict]:
-    if shutil.which("nvidia-smi") is None:
+    """GPU name, driver, memory and compute capability as ``nvidia-smi`` reports them."""
+    places = [shutil.which("nvidia-smi"), "/usr/local/nvidia/bin/nvidia-smi"]
+    program = next((p for p in places if p and os.access(p, os.X_OK)), None)
+    if program is None:
         return None
     query = "name,driver_version,memory.total,compute_cap"
-    command = ["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"]
-    result = check.run(command, "env", min(deadline, time.monotonic() + 30))
-    if result.returncode != 0:
-        return {"error": tail(result.stdout, 3)}
-    first = result.stdout.strip().splitlines()[-1]
-    name, driver, memory, capability = [x.strip() for x in first.split(",")][:4]
-    return {"name": name, "driver": driver, "memory": memory, "compute_capability": capability}
+    command = [program, f"--query-gpu={query}", "--format=csv,noheader"]
+    try:  # what nvidia-smi says is recorded, never a reason to stop the check
+        result = check.run(command, "env", min(deadline, time.monotonic() + 30))
+        fields = [x.strip() for x in result.stdout.strip().splitlines()[-1].split(",")]
+        if result.returncode != 0 or len(fields) < 4:
+            return {"error": tail(result.stdout, 3)}
+    except (StageTimeout, IndexError) as error:
+        return {"error": f"{type(error).__name__}: {error}"}
+    keys = ("name", "driver", "memory", "compute_capability")
+    return dict(zip(keys, fields))
 
 
 def git_commit() -> str:
@@ -640,7 +652,8 @@ def run_stage(check: Check, name: str, budget_s: float, function=None) -> StageR
         )
     except Exception as error:  # every failure is recorded; the next stage still runs
         result.status = "failed"
-        result.summary = f"{type(error).__name__}: {error}".strip()
+        partial = f". {result.summary}" if result.summary else ""
+        result.summary = f"{type(error).__name__}: {error}".strip() + partial
     result.seconds = round(time.monotonic() - start, 1)
     check.say(f"    {result.status} in {result.seconds:.0f} s: {result.summary}")
     return result
@@ -653,48 +666,46 @@ def _fmt(value, digits: int = 1) -> str:
     return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "-"
 
 
+DETECTORS = ("fcos_d2", "d2_fcos", "d2_retinanet", "tv_fcos")
+
+
+def _cell(row: Optional[dict], unit: str) -> str:
+    if not row or row.get("median") is None:
+        return "-"
+    value = f"{row['median'] * 1000:.1f} ms" if unit == "s" else f"{row['median']:.0f} MiB"
+    return value + (f" ({row['ratio']:.2f}x)" if row.get("ratio") is not None else "")
+
+
 def readme_rows(results: dict) -> str:
-    """The README's GPU table filled in from this run (paste-ready)."""
+    """The README's GPU table filled in from this run, in its columns (paste-ready)."""
     machine = results.get("machine", {})
     bench = results.get("figures", {}).get("bench", {})
     quickstart = results.get("figures", {}).get("quickstart", {})
+    run = (
+        f"{machine.get('gpu', 'no GPU')}, driver {machine.get('driver', '-')}, torch "
+        f"{machine.get('torch', '-')} (CUDA {machine.get('torch_cuda', '-')}, cuDNN "
+        f"{machine.get('cudnn', '-')}), {results.get('date', '-')[:10]}, fcos-d2 "
+        f"{machine.get('fcos_d2_commit', '-')}"
+    )
     lines = [
-        "| field | value |",
-        "| --- | --- |",
-        f"| GPU | {machine.get('gpu', '-')} ({machine.get('gpu_memory_gib', '-')} GiB) |",
-        f"| driver | {machine.get('driver', '-')} |",
-        f"| torch | {machine.get('torch', '-')} (CUDA {machine.get('torch_cuda', '-')}, cuDNN "
-        f"{machine.get('cudnn', '-')}), torchvision {machine.get('torchvision', '-')}, numpy "
-        f"{machine.get('numpy', '-')}, detectron2 {machine.get('detectron2', '-')}, Python "
-        f"{machine.get('python', '-')} |",
-        f"| date | {results.get('date', '-')} |",
-        f"| fcos-d2 | {machine.get('fcos_d2_commit', '-')} |",
+        "| | fcos-d2 | D2 FCOS | D2 RetinaNet | torchvision FCOS | target |",
+        "| --- | --- | --- | --- | --- | --- |",
+        f"| GPU, driver, torch, date of the run | {run} | | | | |",
     ]
     for bench_row in bench.get("benchmarks", {}).values():
-        rows = bench_row["results"]
-        cells = []
-        for name in ("fcos_d2", "d2_fcos", "d2_retinanet", "tv_fcos"):
-            row = rows.get(name)
-            if not row:
-                continue
-            value = row["median"] * 1000 if bench_row["unit"] == "s" else row["median"]
-            unit = "ms" if bench_row["unit"] == "s" else "MiB"
-            ratio = f" ({row['ratio']:.2f}x)" if row.get("ratio") is not None else ""
-            cells.append(f"{name} {value:.1f} {unit}{ratio}")
+        cells = [_cell(bench_row["results"].get(d), bench_row["unit"]) for d in DETECTORS]
         targets = "; ".join(
-            f"{t['what']}: {t['value']:.2f}x {'met' if t['met'] else 'NOT met'}"
+            f"{t['what']}: {t['value']:.2f}x, {'met' if t['met'] else 'NOT met'}"
             for t in bench_row.get("targets", [])
         )
-        lines.append(
-            f"| {bench_row['title']} | {', '.join(cells)}{'; ' if targets else ''}{targets} |"
-        )
+        lines.append(f"| {bench_row['title']} | {' | '.join(cells)} | {targets} |")
     if quickstart:
         how = "float16 AMP" if results["mode"] == "gpu" else "dry run: 4 iterations on the CPU"
+        wall, training = _fmt(quickstart.get("wall_s"), 0), _fmt(quickstart.get("training_s"), 0)
         lines.append(
-            f"| quickstart ({how}) | whole command {_fmt(quickstart.get('wall_s'), 0)} s, "
-            f"training {_fmt(quickstart.get('training_s'), 0)} s, box AP "
-            f"{_fmt(quickstart.get('AP'))} (AP50 {_fmt(quickstart.get('AP50'))}, AP75 "
-            f"{_fmt(quickstart.get('AP75'))}) |"
+            f"| quickstart ({how}): wall time, box AP | whole command {wall} s (training "
+            f"{training} s), AP {_fmt(quickstart.get('AP'))} (AP50 {_fmt(quickstart.get('AP50'))}"
+            f", AP75 {_fmt(quickstart.get('AP75'))}) | | | | |"
         )
     return "\n".join(lines)
 

@@ -96,7 +96,7 @@ def test_a_stage_past_its_budget_is_stopped_and_the_check_goes_on(tmp_path, monk
     assert stopped.status == "timed out" and time.monotonic() - start < 10
     assert "stopped at its budget of 1 s" in stopped.summary
     failed = gpu_check.run_stage(check, "failing", 5.0, failing)
-    assert failed.status == "failed" and failed.summary == "RuntimeError: went wrong"
+    assert failed.status == "failed" and failed.summary == "RuntimeError: went wrong. partial"
     time.sleep(3.5)
     assert not marker.exists()
     assert "$ bash -c" in (tmp_path / "out" / "gpu_check.log").read_text()
