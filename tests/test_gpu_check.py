@@ -8,6 +8,7 @@ iterations evaluated).
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tarfile
@@ -85,7 +86,8 @@ def test_a_stage_past_its_budget_is_stopped_and_the_check_goes_on(tmp_path, monk
     def sleeper(check, result, deadline):
         # The child of the command belongs to its process group: it is stopped as well.
         code = f"import pathlib, time; time.sleep(3); pathlib.Path({str(marker)!r}).touch()"
-        check.run(["bash", "-c", f"{sys.executable} -c '{code}' & sleep 30"], "slow", deadline)
+        child = shlex.join([sys.executable, "-c", code])
+        check.run(["bash", "-c", f"{child} & sleep 30"], "slow", deadline)
 
     def failing(check, result, deadline):
         result.summary = "partial"
