@@ -157,7 +157,7 @@ def test_dry_run_of_the_whole_check(wheels, tmp_path):
     results = json.loads((output / "gpu_check.json").read_text())
     assert results["mode"] == "dry run" and results["complete"]
     stages = {s["name"]: s for s in results["stages"]}
-    assert list(stages) == ["env", "tests", "bench", "quickstart"]
+    assert list(stages) == ["env", "tests", "bench", "quickstart", "profile"]
     assert {s["status"] for s in stages.values()} == {"dry run ok"}, results["stages"]
 
     install = stages["env"]["details"]["install"]
@@ -181,6 +181,11 @@ def test_dry_run_of_the_whole_check(wheels, tmp_path):
     quickstart = results["figures"]["quickstart"]
     assert quickstart["last_iteration"] == 3 and "AP" in quickstart
     assert "MODEL.DEVICE cpu" in quickstart["command"]
+
+    profiled = results["figures"]["profile"]
+    assert {"backbone", "head", "assignment+losses", "backward"} <= set(profiled["train"]["parts"])
+    assert profiled["inference"]["parts"]["post-processing"]["ms"] > 0
+    assert "## Profile" in (output / "gpu_check.md").read_text()
 
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted([*gpu_check.OUT_FILES, gpu_check.OUT_ARCHIVE])
