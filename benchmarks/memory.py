@@ -63,11 +63,13 @@ def _measure(make_workload, device: torch.device, warmup=None) -> dict:
 
 
 def training_memory(name: str, settings: TestSettings, device: str, threads: int, spec) -> dict:
-    """Growth of peak memory over the first training step (activations, gradients, momentum)."""
+    """Growth of peak memory over the first training step (activations, gradients, momentum);
+    under mixed precision where ``spec["amp"]``."""
     torch.set_num_threads(threads)
     detector = build_detector(name, settings, device)
     batch = random_batch(spec["batch"], *spec["size"], spec["boxes"])
-    return _measure(lambda: training_workload(detector, batch), torch.device(device))
+    amp = spec.get("amp", False)
+    return _measure(lambda: training_workload(detector, batch, amp), torch.device(device))
 
 
 def assign_loss_memory(name: str, settings: TestSettings, device: str, threads: int, spec) -> dict:

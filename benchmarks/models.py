@@ -134,20 +134,27 @@ class ShapesOnlyBackbone(Backbone):
         raise RuntimeError("ShapesOnlyBackbone has no network: build the detector with one")
 
 
-def build_fcos_d2(settings: TestSettings, network: bool) -> nn.Module:
+def build_fcos_d2(
+    settings: TestSettings, network: bool, device: str = "cpu", amp: bool = False
+) -> nn.Module:
+    """fcos-d2's R_50_1x built for ``device`` (which decides its memory format, as for users:
+    ``MODEL.CHANNELS_LAST`` None); with ``amp``, its own mixed-precision inference
+    (``TEST.AMP.ENABLED``), in bfloat16 on every CPU like the peers' autocast."""
     from detectron2.modeling import build_model
 
     from fcos_d2.config import build_cfg
     from fcos_d2.modeling import FCOS, FCOSCore, FCOSHead
 
+    amp_opts = ("TEST.AMP.ENABLED", True, "SOLVER.AMP.CPU_BF16", "always") if amp else ()
     cfg = build_cfg(
         str(REPO / FCOS_D2_CONFIG),
         [
-            *("MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""),
+            *("MODEL.DEVICE", torch.device(device).type, "MODEL.WEIGHTS", ""),
             *("MODEL.FCOS.INFERENCE_TH_TEST", settings.score_threshold),
             *("MODEL.FCOS.PRE_NMS_TOPK_TEST", settings.topk_candidates),
             *("MODEL.FCOS.NMS_TH", settings.nms_threshold),
             *("TEST.DETECTIONS_PER_IMAGE", settings.detections_per_image),
+            *amp_opts,
             *settings.fcos_d2_opts,
         ],
     )
@@ -166,11 +173,18 @@ def build_fcos_d2(settings: TestSettings, network: bool) -> nn.Module:
     )
 
 
-def build_detectron2_lazy(config: str, settings: TestSettings, network: bool) -> nn.Module:
-    from detectron2 import model_zoo
-    from detectron2.config import LazyCall, instantiate
+def detectron2_config_file(config: str) -> Path:
+    """A config file of Detectron2's model zoo, found without ``detectron2.model_zoo``, which
+    imports ``pkg_resources`` (gone from setuptools >= 82, as on some GPU machines)."""
+    import detectron2
 
-    model_cfg = model_zoo.get_config(config).model
+    return Path(detectron2.__file__).resolve().parent / "model_zoo" / "configs" / config
+
+
+def build_detectron2_lazy(config: str, settings: TestSettings, network: bool) -> nn.Module:
+    from detectron2.config import LazyCall, LazyConfig, instantiate
+
+    model_cfg = LazyConfig.load(str(detectron2_config_file(config))).model
     if not network:
         model_cfg.backbone = LazyCall(ShapesOnlyBackbone)()
     model_cfg.test_score_thresh = settings.score_threshold
@@ -178,6 +192,29 @@ def build_detectron2_lazy(config: str, settings: TestSettings, network: bool) ->
     model_cfg.test_nms_thresh = settings.nms_threshold
     model_cfg.max_detections_per_image = settings.detections_per_image
     return instantiate(model_cfg)
+
+
+def losses_in_float32(model: nn.Module) -> nn.Module:
+    """Detectron2's FCOS with its losses computed on float32 copies of the head outputs.
+
+    As released it cannot train under autocast (float16 ``AMPTrainer`` or bfloat16): fvcore's
+    ``giou_loss`` writes float32 values (the predicted boxes meet the float32 ground truth) into a
+    tensor made like the half-precision predictions, and PyTorch refuses ("Index put requires the
+    source and destination dtypes match"). This is the change its users would need; in float32 the
+    copies are no-ops, so nothing changes there.
+    """
+    losses = model.losses
+
+    def float32(tensors: list[Tensor]) -> list[Tensor]:
+        return [x.float() for x in tensors]
+
+    def losses_of_float32_outputs(anchors, logits, gt_labels, deltas, gt_boxes, centerness):
+        return losses(
+            anchors, float32(logits), gt_labels, float32(deltas), gt_boxes, float32(centerness)
+        )
+
+    model.losses = losses_of_float32_outputs
+    return model
 
 
 def build_torchvision_fcos(settings: TestSettings, network: bool) -> nn.Module:
@@ -214,16 +251,22 @@ def build_torchvision_fcos(settings: TestSettings, network: bool) -> nn.Module:
 
 
 def build_detector(
-    name: str, settings: TestSettings, device: str, network: bool = True, seed: int = 0
+    name: str,
+    settings: TestSettings,
+    device: str,
+    network: bool = True,
+    seed: int = 0,
+    amp: bool = False,
 ) -> Detector:
     """The detector ``name`` (one of :data:`DETECTORS`) on ``device``, weights from ``seed``;
-    without ``network`` its backbone is a :class:`ShapesOnlyBackbone`."""
+    without ``network`` its backbone is a :class:`ShapesOnlyBackbone`. ``amp``: fcos-d2 with its
+    own mixed-precision inference switch (the peers have none: their workloads autocast)."""
     torch.manual_seed(seed)
     if name == "fcos_d2":
-        return Detectron2Detector(name, build_fcos_d2(settings, network).to(device))
+        return Detectron2Detector(name, build_fcos_d2(settings, network, device, amp).to(device))
     if name == "d2_fcos":
         model = build_detectron2_lazy("COCO-Detection/fcos_R_50_FPN_1x.py", settings, network)
-        return Detectron2Detector(name, model.to(device))
+        return Detectron2Detector(name, losses_in_float32(model).to(device))
     if name == "d2_retinanet":
         config = "COCO-Detection/retinanet_R_50_FPN_1x.py"
         return Detectron2Detector(name, build_detectron2_lazy(config, settings, network).to(device))

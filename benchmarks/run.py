@@ -1,13 +1,21 @@
 """Speed and memory of fcos-d2 against Detectron2's FCOS and RetinaNet and torchvision's FCOS.
 
     python benchmarks/run.py [--device cpu|cuda] [--threads 2] [--repeats 5] [--quick]
-                             [--only inference,train,...] [--output benchmarks/results]
+                             [--sizes full|quick|gpu] [--amp] [--only inference,train,...]
+                             [--output benchmarks/results]
 
 All models are built in one process on the same synthetic inputs and timed round-robin (one run
 of each model per repetition), so that drift affects all of them alike; the medians are printed
-with their ratio to Detectron2's FCOS, next to the targets of issue #9. Peak memory is measured in
-a fresh process per model (see benchmarks/memory.py). Writes ``results.json`` and ``results.md``
-to ``--output``.
+with their ratio to Detectron2's FCOS, next to the targets (issue #9 on CPUs, #17 on GPUs). Peak
+memory is measured in a fresh process per model (see benchmarks/memory.py). On CUDA every timing
+is between two ``torch.cuda.synchronize()`` and peak memory is ``torch.cuda.max_memory_allocated``.
+Writes ``results.json`` and ``results.md`` to ``--output``.
+
+``--sizes gpu`` is what users run on GPUs: inference of one 800x1333 image, training steps of 8
+images at 800x1333. ``inference_amp`` is inference in mixed precision (float16 on CUDA, bfloat16
+on CPUs): fcos-d2 with its ``TEST.AMP.ENABLED``, the peers under ``torch.autocast``. ``--amp``
+runs the training steps (and their memory) in mixed precision as Detectron2's ``AMPTrainer``:
+autocast and, in float16, a gradient scaler.
 
 Post-processing settings: every detector gets the same score threshold, 1000 candidates per
 level, NMS at 0.6 and 100 detections. The threshold defaults to 0.0 for whole-model inference:
@@ -47,6 +55,7 @@ from benchmarks.models import (  # noqa: E402
     build_detector,
 )
 from benchmarks.workloads import (  # noqa: E402
+    amp_dtype,
     assign_loss_workload,
     candidates_per_level,
     inference_workload,
@@ -55,7 +64,18 @@ from benchmarks.workloads import (  # noqa: E402
     training_workload,
 )
 
-GROUPS = ("inference", "train", "train_memory", "assign_loss", "assign_loss_memory", "postprocess")
+GROUPS = (
+    "inference",
+    "inference_amp",
+    "train",
+    "train_memory",
+    "assign_loss",
+    "assign_loss_memory",
+    "postprocess",
+)
+# What runs without --only: on CPUs the figures of the README's CPU table; on CUDA also the
+# mixed-precision inference that GPU users run.
+DEFAULT_GROUPS = {"cpu": tuple(g for g in GROUPS if g != "inference_amp"), "cuda": GROUPS}
 POSTPROCESS_THRESHOLD = 0.05
 
 
@@ -83,6 +103,19 @@ QUICK = Sizes(
     postprocess=(1, 128, 192),
     candidates=200,
 )
+# Issue #17: the sizes users train and test at on GPUs. Target assignment and post-processing take
+# dense outputs of the padded 800x1344 input (their level sizes need sides divisible by 32).
+GPU = Sizes(
+    inference=((1, 800, 1333),),
+    train=(8, 800, 1333),
+    train_boxes=(4, 100),
+    train_memory_boxes=100,
+    assign=(8, 800, 1344),
+    assign_boxes=(10, 100, 1000, 5000),
+    postprocess=(1, 800, 1344),
+    candidates=1000,
+)
+SIZES = {"full": FULL, "quick": QUICK, "gpu": GPU}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -96,7 +129,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=None, help="timed runs (default 5; 2 quick)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the script works")
     parser.add_argument(
-        "--only", default=",".join(GROUPS), help=f"comma-separated subset of {','.join(GROUPS)}"
+        "--sizes",
+        choices=sorted(SIZES),
+        default=None,
+        help="benchmark sizes: full (CPU, the default), quick (as --quick), gpu (800x1333)",
+    )
+    parser.add_argument(
+        "--amp",
+        action="store_true",
+        help="training steps in mixed precision (float16 + gradient scaler on CUDA)",
+    )
+    parser.add_argument(
+        "--only",
+        default=None,
+        help=f"comma-separated subset of {','.join(GROUPS)} (default: all but inference_amp on "
+        "CPUs, all on CUDA)",
     )
     parser.add_argument(
         "--detectors",
@@ -118,7 +165,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--output", default=str(Path(__file__).resolve().parent / "results"))
     args = parser.parse_args(argv)
-    args.only = _choices(args.only, GROUPS, "--only")
+    if args.quick and args.sizes not in (None, "quick"):
+        parser.error(f"--quick and --sizes {args.sizes} contradict each other")
+    args.sizes = "quick" if args.quick else (args.sizes or "full")
+    args.quick = args.sizes == "quick"
+    device_type = "cuda" if args.device.startswith("cuda") else "cpu"
+    args.only = _choices(args.only or ",".join(DEFAULT_GROUPS[device_type]), GROUPS, "--only")
     args.detectors = _choices(args.detectors, DETECTORS, "--detectors")
     if args.repeats is None:
         args.repeats = 2 if args.quick else 5
@@ -143,7 +195,11 @@ class Runner:
     def __init__(self, args: argparse.Namespace):
         self.args = args
         self.device = torch.device(args.device)
-        self.sizes = QUICK if args.quick else FULL
+        self.sizes = SIZES[args.sizes]
+        self.amp_dtype = amp_dtype(self.device)
+        self.train_precision = f"{str(self.amp_dtype)[6:]} AMP" if args.amp else "float32"
+        # On CUDA the first runs also pick convolution algorithms and grow the allocator's cache.
+        self.warmup = 2 if self.device.type == "cuda" else 1
         self.settings = TestSettings(
             score_threshold=args.score_threshold, fcos_d2_opts=tuple(args.fcos_d2_opts)
         )
@@ -151,14 +207,16 @@ class Runner:
         self.fresh = None
         self.benchmarks: dict[str, dict] = {}
 
-    def detector(self, name: str, network: bool = True):
+    def detector(self, name: str, network: bool = True, amp: bool = False):
         """The detector, built once; without ``network`` (for benchmarks that give the head
-        outputs) any built detector will do, else one with a :class:`ShapesOnlyBackbone`."""
-        for key in ((name, network), (name, True)):
+        outputs) any built detector will do, else one with a :class:`ShapesOnlyBackbone`.
+        ``amp``: fcos-d2 with ``TEST.AMP.ENABLED`` (a second model, with the same weights)."""
+        amp = amp and name == "fcos_d2"
+        for key in ((name, network, amp), (name, True, amp)):
             if key in self.detectors:
                 return self.detectors[key]
-        detector = build_detector(name, self.settings, self.args.device, network)
-        self.detectors[(name, network)] = detector
+        detector = build_detector(name, self.settings, self.args.device, network, amp=amp)
+        self.detectors[(name, network, amp)] = detector
         return detector
 
     def selected(self, names=DETECTORS) -> list[str]:
@@ -174,9 +232,10 @@ class Runner:
         print(f"  {title}: {cells}", flush=True)
 
     def timed(
-        self, key, group, title, workloads, outputs_name=None, repeats=None, warmup=1, **extra
+        self, key, group, title, workloads, outputs_name=None, repeats=None, warmup=None, **extra
     ):
         repeats = self.args.repeats if repeats is None else repeats
+        warmup = self.warmup if warmup is None else warmup
         measured = time_interleaved(workloads, repeats, self.device, warmup)
         results = {}
         for name, result in measured.items():
@@ -200,21 +259,52 @@ class Runner:
                 score_threshold=self.settings.score_threshold,
             )
 
+    def run_inference_amp(self):
+        """fcos-d2 with its own switch (backbone and head autocast, decoding in float32); the
+        peers, which have none, under ``torch.autocast`` as their users would run them."""
+        dtype = str(self.amp_dtype)[6:]
+        for batch_size, height, width in self.sizes.inference:
+            batch = random_batch(batch_size, height, width, 0)
+            workloads = {
+                n: inference_workload(self.detector(n, amp=True), batch)
+                if n == "fcos_d2"
+                else inference_workload(self.detector(n), batch, autocast=self.amp_dtype)
+                for n in self.selected()
+            }
+            self.timed(
+                f"inference_amp_b{batch_size}_{height}x{width}",
+                "inference_amp",
+                f"inference in {dtype} (TEST.AMP.ENABLED / autocast), batch {batch_size} at "
+                f"{height}x{width}",
+                workloads,
+                "detections",
+                batch=batch_size,
+                size=[height, width],
+                precision=dtype,
+                score_threshold=self.settings.score_threshold,
+            )
+
     def run_train(self):
         batch_size, height, width = self.sizes.train
+        precision = "" if self.train_precision == "float32" else f" ({self.train_precision})"
         for index, boxes in enumerate(self.sizes.train_boxes):
             batch = random_batch(batch_size, height, width, boxes)
-            workloads = {n: training_workload(self.detector(n), batch) for n in self.selected()}
+            workloads = {
+                n: training_workload(self.detector(n), batch, self.args.amp)
+                for n in self.selected()
+            }
             self.timed(
                 f"train_step_{boxes}_boxes",
                 "train",
-                f"training step, batch {batch_size} at {height}x{width}, {boxes} boxes/image",
+                f"training step{precision}, batch {batch_size} at {height}x{width}, "
+                f"{boxes} boxes/image",
                 workloads,
                 # The first box count warmed up the same models on the same image sizes.
-                warmup=1 if index == 0 else 0,
+                warmup=self.warmup if index == 0 else 0,
                 batch=batch_size,
                 size=[height, width],
                 boxes=boxes,
+                precision=self.train_precision,
             )
 
     def memory_results(self, function, names, spec) -> dict:
@@ -230,18 +320,25 @@ class Runner:
     def run_train_memory(self):
         batch_size, height, width = self.sizes.train
         boxes = self.sizes.train_memory_boxes
-        spec = {"batch": batch_size, "size": (height, width), "boxes": boxes}
+        spec = {"batch": batch_size, "size": (height, width), "boxes": boxes, "amp": self.args.amp}
         results = self.memory_results(memory.training_memory, self.selected(), spec)
+        precision = "" if self.train_precision == "float32" else f" ({self.train_precision})"
         self.record(
             f"train_memory_{boxes}_boxes",
             "train_memory",
-            f"training step peak memory growth, batch {batch_size} at {height}x{width}, "
-            f"{boxes} boxes/image",
+            f"training step{precision} peak memory growth, batch {batch_size} at "
+            f"{height}x{width}, {boxes} boxes/image",
             "MiB",
             results,
             batch=batch_size,
             size=[height, width],
             boxes=boxes,
+            precision=self.train_precision,
+            measured_by=(
+                "torch.cuda.max_memory_allocated"
+                if self.device.type == "cuda"
+                else "peak RSS (getrusage)"
+            ),
         )
 
     def run_assign_loss(self):
@@ -342,6 +439,8 @@ def main(argv=None) -> dict:
                 "threads": args.threads,
                 "repeats": args.repeats,
                 "quick": args.quick,
+                "sizes": args.sizes,
+                "amp": args.amp,
                 "only": args.only,
                 "score_threshold": args.score_threshold,
                 "fcos_d2_opts": args.fcos_d2_opts,
@@ -357,7 +456,7 @@ def main(argv=None) -> dict:
         def save(benchmarks: dict, complete: bool) -> None:
             """Written after every group, so that an interrupted run keeps what it measured."""
             results["benchmarks"] = copy.deepcopy(benchmarks)
-            results["targets"] = report.evaluate_targets(results["benchmarks"])
+            results["targets"] = report.evaluate_targets(results["benchmarks"], device.type)
             results["elapsed_s"] = time.perf_counter() - start
             results["complete"] = complete
             write(results, output, args.detectors)

@@ -5,6 +5,7 @@ Each workload is a :class:`Workload`: an untimed ``setup`` (fresh copies of inpu
 modify) and the timed ``run``. :func:`time_interleaved` runs them round-robin.
 """
 
+import contextlib
 import copy
 import gc
 import time
@@ -66,32 +67,62 @@ def time_interleaved(
 # Whole models --------------------------------------------------------------------------------
 
 
-def inference_workload(detector: Detector, batch: Batch) -> Workload:
-    """Eval mode, no autograd: preprocessing, network, post-processing, rescaling."""
+def amp_dtype(device: torch.device) -> torch.dtype:
+    """Mixed precision as each trainer means it: float16 on CUDA (Detectron2's ``AMPTrainer``),
+    bfloat16 on CPUs (fcos-d2's CPU autocast; the CPU benchmarks only check the code path)."""
+    return torch.float16 if device.type == "cuda" else torch.bfloat16
+
+
+def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
+    return torch.autocast(device.type, dtype) if dtype else contextlib.nullcontext()
+
+
+def inference_workload(
+    detector: Detector, batch: Batch, autocast: Optional[torch.dtype] = None
+) -> Workload:
+    """Eval mode, no autograd: preprocessing, network, post-processing, rescaling; under
+    ``autocast`` to that dtype if given (for the peers: fcos-d2 has its own switch)."""
     inputs = detector.inference_inputs(batch)
 
     def run():
-        with torch.no_grad():
+        with torch.no_grad(), _autocast(detector.device, autocast):
             return detector.infer(inputs)
 
     detector.model.eval()
     return Workload(run)
 
 
-def train_step(detector: Detector, optimizer: torch.optim.Optimizer, inputs) -> float:
-    loss = detector.loss(inputs)
+def train_step(
+    detector: Detector,
+    optimizer: torch.optim.Optimizer,
+    inputs,
+    autocast: Optional[torch.dtype] = None,
+    scaler: Optional[torch.amp.GradScaler] = None,
+) -> float:
+    """Forward with losses (under ``autocast`` if given), backward, update; with a ``scaler``,
+    as Detectron2's ``AMPTrainer`` does it in float16."""
+    with _autocast(detector.device, autocast):
+        loss = detector.loss(inputs)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
     return loss.detach()
 
 
-def training_workload(detector: Detector, batch: Batch) -> Workload:
-    """One SGD step: forward with losses, backward, parameter update."""
+def training_workload(detector: Detector, batch: Batch, amp: bool = False) -> Workload:
+    """One SGD step: forward with losses, backward, parameter update; with ``amp``, under
+    :func:`amp_dtype` autocast, with a gradient scaler in float16."""
     detector.model.train()
     optimizer = make_optimizer(detector.model)
     inputs = detector.training_inputs(batch)
-    return Workload(lambda: train_step(detector, optimizer, inputs))
+    dtype = amp_dtype(detector.device) if amp else None
+    scaler = torch.amp.GradScaler(detector.device.type) if dtype == torch.float16 else None
+    return Workload(lambda: train_step(detector, optimizer, inputs, dtype, scaler))
 
 
 # Target assignment + loss, and post-processing, on given dense outputs ------------------------

@@ -13,10 +13,22 @@ from typing import Optional
 
 import cv2
 import numpy as np
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = str(REPO / "configs" / "quickstart" / "FCOS_R_18_shapes.yaml")
+CUDA = torch.cuda.is_available()
+NO_CUDA = "CUDA is not available: bash scripts/gpu_check.sh runs these on a GPU"
+
+
+def devices(slow_cpu: bool = False) -> list:
+    """``device`` parameters: "cpu" (marked slow if ``slow_cpu``) and "cuda", marked ``cuda`` and
+    skipped without CUDA; the same test code runs on both, so that the CPU run checks the test."""
+    cuda = pytest.param(
+        "cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not CUDA, reason=NO_CUDA)]
+    )
+    return [pytest.param("cpu", marks=pytest.mark.slow) if slow_cpu else "cpu", cuda]
 
 
 def run_python(*args: str, cwd: Path = REPO, timeout: int = 600) -> subprocess.CompletedProcess:
