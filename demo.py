@@ -131,9 +131,8 @@ def run_on_images(args, predictor, inputs: list, metadata, results: CocoResults)
                 drawn = Visualizer(image[:, :, ::-1], metadata).draw_instance_predictions(instances)
                 cv2.imwrite(str(output / name), drawn.get_image()[:, :, ::-1])
                 written += 1
-            tqdm.write(
-                f"{path}: {len(instances)} detections" + (f" -> {output / name}" * bool(output))
-            )
+            target = f" -> {output / name}" if output else ""
+            tqdm.write(f"{path}: {len(instances)} detections{target}")
         batch.clear()
 
     for (path, image_id), name in tqdm(list(zip(inputs, names)), desc="images", unit="img"):

@@ -23,10 +23,16 @@ from helpers import (
 )
 from pycocotools.coco import COCO
 
+from fcos_d2.cli import run_command
 from fcos_d2.config import build_cfg
 from fcos_d2.engine import Trainer, main, setup
 from fcos_d2.inference import FCOSPredictor
 from fcos_d2.inference.results import unique_names
+
+
+def split(tmp_path: Path, name: str) -> str:
+    """The registered name of a split of ``tmp_path``'s dataset (names are global in a process)."""
+    return f"mine_{tmp_path.name}_{name}"
 
 
 def tiny_dataset_opts(tmp_path: Path, **extra) -> list:
@@ -35,14 +41,18 @@ def tiny_dataset_opts(tmp_path: Path, **extra) -> list:
         write_coco(tmp_path / "data", "train", 8, seed=0)
         write_coco(tmp_path / "data", "val", 4, seed=1)
     data = tmp_path / "data"
-    entries = f"(('mine_train', '{data}/train.json', '{data}/images'), ('mine_val', '{data}/val.json', '{data}/images'))"  # noqa: E501
+    train, val = split(tmp_path, "train"), split(tmp_path, "val")
+    entries = (
+        f"(('{train}', '{data}/train.json', '{data}/images'), "
+        f"('{val}', '{data}/val.json', '{data}/images'))"
+    )
     return tiny_opts(
         tmp_path,
         extra.pop("max_iter", 2),
         **{
             "DATASETS.COCO_JSON": entries,
-            "DATASETS.TRAIN": "('mine_train',)",
-            "DATASETS.TEST": "('mine_val',)",
+            "DATASETS.TRAIN": f"('{train}',)",
+            "DATASETS.TEST": f"('{val}',)",
             "MODEL.FCOS.NUM_CLASSES": len(CATEGORIES),
             "INPUT.MIN_SIZE_TRAIN": (SIZE,),
             "INPUT.MAX_SIZE_TRAIN": SIZE,
@@ -60,22 +70,27 @@ def trained(tmp_path_factory):
     folder = tmp_path_factory.mktemp("trained")
     opts = tiny_dataset_opts(folder, max_iter=4, **{"SOLVER.CHECKPOINT_PERIOD": 100})
     main(args_for(opts))
-    return folder, opts + ["MODEL.WEIGHTS", str(folder / "out" / "model_final.pth")]
+    return (
+        folder,
+        opts + ["MODEL.WEIGHTS", str(folder / "out" / "model_final.pth")],
+        split(folder, "val"),
+    )
 
 
 def run_demo(capsys, *arguments: str) -> tuple[int, str, str]:
     drop_closed_log_handlers()
-    status = load_script("demo.py").main(["--config-file", QUICKSTART, *arguments])
+    demo = load_script("demo.py")
+    status = run_command("demo.py", lambda: demo.main(["--config-file", QUICKSTART, *arguments]))
     captured = capsys.readouterr()
     return status, captured.out, captured.err
 
 
 @pytest.mark.slow
 def test_demo_json_is_coco_results_with_the_datasets_ids(trained, tmp_path, capsys):
-    folder, opts = trained
+    folder, opts, val = trained
     out = tmp_path / "preds.json"
     status, stdout, _ = run_demo(
-        capsys, "--dataset", "mine_val", "--json", str(out), "--confidence-threshold", "0.0", *opts
+        capsys, "--dataset", val, "--json", str(out), "--confidence-threshold", "0.0", *opts
     )
     assert status == 0 and f"to {out}" in stdout
     records = json.loads(out.read_text())
@@ -98,11 +113,11 @@ def test_demo_json_is_coco_results_with_the_datasets_ids(trained, tmp_path, caps
 
 @pytest.mark.slow
 def test_demo_batches_give_the_same_detections(trained, tmp_path, capsys):
-    _, opts = trained
+    _, opts, val = trained
     results = {}
     for batch in ("1", "3"):
         out = tmp_path / f"b{batch}.json"
-        common = ["--dataset", "mine_val", "--json", str(out), "--batch-size", batch]
+        common = ["--dataset", val, "--json", str(out), "--batch-size", batch]
         assert run_demo(capsys, *common, "--confidence-threshold", "0.05", *opts)[0] == 0
         results[batch] = json.loads(out.read_text())
     assert len(results["1"]) == len(results["3"])
@@ -119,7 +134,7 @@ def test_output_names_never_collide():
 
 @pytest.mark.slow
 def test_demo_draws_every_image_once_and_names_unreadable_files(trained, tmp_path, capsys):
-    _, opts = trained
+    _, opts, _ = trained
     for folder in ("a", "b"):
         (tmp_path / folder).mkdir()
         cv2.imwrite(str(tmp_path / folder / "img.png"), np.full((40, 50, 3), 90, np.uint8))
@@ -150,7 +165,7 @@ def write_video(path: Path, frames: int) -> None:
 def test_demo_on_a_video_writes_every_frame_and_its_detections(trained, tmp_path, capsys):
     from helpers import draw_records
 
-    _, opts = trained
+    _, opts, _ = trained
     draw_records(tmp_path / "frames", 3, seed=2)
     video = tmp_path / "clip.mp4"
     write_video(video, 6)
@@ -179,19 +194,23 @@ def test_demo_on_a_video_writes_every_frame_and_its_detections(trained, tmp_path
 def test_webcam_without_a_camera_is_named(tmp_path, capsys):
     if cv2.VideoCapture(0).isOpened():
         pytest.skip("this machine has a camera: the test would film it")
-    status, _, stderr = run_demo(capsys, "--webcam", "--json", str(tmp_path / "p.json"))
+    no_data = ["DATASETS.TRAIN", "()", "DATASETS.TEST", "()"]
+    status, _, stderr = run_demo(capsys, "--webcam", "--json", str(tmp_path / "p.json"), *no_data)
     assert status == 2 and "--webcam: no camera could be opened at index 0" in stderr
 
 
 @pytest.mark.slow
 def test_best_checkpoint_by_validation_loss_keeps_the_evaluated_weights(tmp_path):
+    from fcos_d2.inference import build_annotated_test_loader
+    from fcos_d2.inference.validation import validation_losses
+
     opts = tiny_dataset_opts(
         tmp_path,
         max_iter=6,
         **{
-            "TEST.EVAL_PERIOD": 2,
+            "TEST.EVAL_PERIOD": 3,  # evaluations after iterations 2 and 5 (the final one)
             "TEST.VAL_LOSS": True,
-            "SOLVER.CHECKPOINT_PERIOD": 2,
+            "SOLVER.CHECKPOINT_PERIOD": 3,
             "SOLVER.BEST_CHECKPOINT.METRIC": "validation/total_loss",
             "SOLVER.BEST_CHECKPOINT.MODE": "min",
         },
@@ -201,23 +220,29 @@ def test_best_checkpoint_by_validation_loss_keeps_the_evaluated_weights(tmp_path
     assert set(results["validation"]) == {
         "loss_fcos_cls", "loss_fcos_loc", "loss_fcos_ctr", "total_loss"
     }  # fmt: skip
-    losses = {
-        m["iteration"]: m["validation/total_loss"]
-        for m in read_metrics(out)
-        if "validation/total_loss" in m
-    }
-    assert sorted(losses) == [1, 3, 5] and all(math.isfinite(v) for v in losses.values())
-    best_iteration = min(losses, key=losses.get)
+    assert "validation/total_loss" in read_metrics(out)[-1]  # metrics.json (and TensorBoard)
+    # The validation loss of each evaluated state, recomputed from its checkpoint.
+    cfg = setup(args_for(opts))
+    model = Trainer.build_model(cfg)
+    losses = {}
+    for name in ("model_0000002.pth", "model_final.pth"):
+        state = torch.load(out / name, weights_only=True)
+        model.load_state_dict(state["model"])
+        loader = build_annotated_test_loader(cfg, cfg.DATASETS.TEST[0])
+        losses[name] = validation_losses(model, loader)["total_loss"]
+    assert losses["model_final.pth"] == pytest.approx(results["validation"]["total_loss"])
+    best_name = min(losses, key=losses.get)
     best = torch.load(out / "model_best.pth", weights_only=True)
-    assert best["iteration"] == best_iteration
-    assert best["metric"] == {"validation/total_loss": pytest.approx(losses[best_iteration])}
-    checkpoint = torch.load(out / f"model_{best_iteration:07d}.pth", weights_only=True)
-    assert all(torch.equal(v, checkpoint["model"][k]) for k, v in best["model"].items())
+    assert best["iteration"] == {"model_0000002.pth": 2, "model_final.pth": 6}[best_name]
+    assert best["metric"]["validation/total_loss"] == pytest.approx(losses[best_name], rel=1e-5)
+    expected = torch.load(out / best_name, weights_only=True)["model"]
+    assert all(torch.equal(v, expected[k]) for k, v in best["model"].items())
     assert (out / "last_checkpoint").read_text() == "model_final.pth"  # not model_best
+    # Each checkpoint keeps the best score of the evaluations before it, for --resume:
+    # model_final.pth is written after iteration 5, before the final evaluation.
     final = torch.load(out / "model_final.pth", weights_only=True)
-    assert final["trainer"]["hooks"]["BestCheckpoint"]["best"] == pytest.approx(
-        min(losses.values())
-    )
+    kept = final["trainer"]["hooks"]["BestCheckpoint"]["best"]
+    assert kept == pytest.approx(losses["model_0000002.pth"], rel=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -256,8 +281,9 @@ def test_images_without_boxes_train_when_not_filtered(tmp_path):
     train_json.write_text(json.dumps(data))
     kept = opts + ["DATALOADER.FILTER_EMPTY_ANNOTATIONS", "False"]
     cfg = setup(args_for(kept))
-    assert len(get_detection_dataset_dicts(["mine_train"], filter_empty=False)) == 8
-    assert len(get_detection_dataset_dicts(["mine_train"], filter_empty=True)) == 4
+    train = split(tmp_path, "train")
+    assert len(get_detection_dataset_dicts([train], filter_empty=False)) == 8
+    assert len(get_detection_dataset_dicts([train], filter_empty=True)) == 4
     main(args_for(kept))
     losses = [m for m in read_metrics(tmp_path / "out") if "total_loss" in m]
     assert losses and all(math.isfinite(m["total_loss"]) for m in losses)

@@ -135,7 +135,7 @@ def test_default_predictor_and_demo(tmp_path):
     ]
     done = subprocess.run(demo, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 1  # one unreadable file
-    assert "cannot read image" in done.stderr and "broken.png" in done.stderr
+    assert "demo.py: skipped an input: " in done.stderr and "broken.png" in done.stderr
     assert (tmp_path / "vis" / "a.png").exists()
     missing = subprocess.run(
         demo[:5] + [str(tmp_path / "nope.jpg")] + demo[6:],

@@ -42,6 +42,7 @@ def setup(args) -> DictConfig:
     cfg = load_lazy_config(args.config_file, args.opts)
     cfg.train.device = available_device(cfg.train.device, "train.device")
     default_setup(cfg, args)
+    runtime.setup_logging(cfg.train.output_dir)
     runtime.share_cpu_threads(cfg.train.device)
     if "datasets" in cfg:
         instantiate(cfg.datasets)

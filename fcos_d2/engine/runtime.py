@@ -17,6 +17,7 @@ from detectron2.data import MetadataCatalog
 from detectron2.engine import AMPTrainer, HookBase, SimpleTrainer, TrainerBase, hooks
 from detectron2.engine.defaults import create_ddp_model as d2_create_ddp_model
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 from torch import nn
 
 from ..checks import ConfigError
@@ -29,6 +30,14 @@ from .ema import EMAHook, ModelEMA, evaluate_with_average
 from .resume import PreemptionHook, TrainingState
 
 logger = logging.getLogger("fcos_d2")
+
+
+def setup_logging(output_dir: str) -> None:
+    """fcos_d2's log lines (the precision used, metrics trimmed on resume, a preemption...) on
+    the console and in ``log.txt``, as ``default_setup`` does for Detectron2's."""
+    setup_logger(
+        output_dir, distributed_rank=comm.get_rank(), name="fcos_d2", abbrev_name="fcos_d2"
+    )
 
 
 def share_cpu_threads(device: str) -> None:

@@ -178,6 +178,7 @@ def setup(args) -> CfgNode:
     cfg = build_cfg(args.config_file, args.opts)
     cfg.freeze()
     default_setup(cfg, args)
+    runtime.setup_logging(cfg.OUTPUT_DIR)
     runtime.share_cpu_threads(cfg.MODEL.DEVICE)
     register_datasets_from_config(cfg)
     return cfg
