@@ -194,9 +194,48 @@ def test_default_root(monkeypatch, tmp_path):
         ({"num_images": 2, "max_objects": -1}, "max_objects"),
         ({"num_images": 2, "seed": -3}, "seed"),
         ({"num_images": 2.5}, "num_images"),
+        ({"num_images": 2, "max_object_side": 5}, "max_object_side"),
+        ({"num_images": 2, "max_object_side": True}, "max_object_side"),
     ],
 )
 def test_bad_spec_raises(kwargs, field):
     with pytest.raises(ValueError) as error:
         ShapesSpec(**kwargs)
     assert f"ShapesSpec.{field}" in str(error.value) and repr(kwargs[field]) in str(error.value)
+
+
+def test_large_image_variant_draws_small_objects_and_keeps_default_names(tmp_path):
+    """``max_object_side`` caps the objects' longer side (up to the rasterised pixel); specs
+    without it keep the folder names of the caches written before it existed."""
+    assert ShapesSpec(128, seed=1000).folder_name == "shapes_128x256x256_obj6_seed1000_v3"
+    spec = ShapesSpec(3, (320, 400), max_objects=30, seed=4, max_object_side=24)
+    assert spec.folder_name == "shapes_3x320x400_obj30_side24_seed4_v3"
+    coco = COCO(str(generate_shapes_split(spec, tmp_path)))
+    sides = [max(a["bbox"][2:]) for a in coco.dataset["annotations"]]
+    assert len(sides) >= 20 and max(sides) <= 25 and min(sides) >= 4
+    assert {(i["height"], i["width"]) for i in coco.dataset["images"]} == {(320, 400)}
+
+
+def test_register_shapes_large_val(tmp_path):
+    from fcos_d2.data.builtin import register_shapes
+
+    name = "shapes_large_val"
+    if name in DatasetCatalog.list():  # registered by another test with other files
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    try:
+        register_shapes(
+            name,
+            root=str(tmp_path),
+            num_large_val=2,
+            large_image_size=(200, 300),
+            large_max_objects=10,
+            large_max_object_side=20,
+            seed=7,
+        )
+        records = DatasetCatalog.get(name)
+        assert [(r["height"], r["width"]) for r in records] == [(200, 300)] * 2
+        assert (tmp_path / "shapes_2x200x300_obj10_side20_seed2007_v3").is_dir()
+    finally:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)

@@ -11,6 +11,11 @@ Commands (each writes ``<command>.json`` and, where it has a figure, ``<command>
   center-ness (Fig. 7); needs ``MODEL.WEIGHTS``.
 * ``pr-curves``: class-agnostic precision-recall curves at IoU 0.50 / 0.75 / 0.90 and their APs
   (Table 7, Figs. 4-6); needs ``MODEL.WEIGHTS``.
+* ``thresholds``: one score threshold per class, of best F1 (``--criterion f1``, as the original
+  release computes them for its demo) or the lowest whose precision reaches ``--precision P``;
+  prints the ``MODEL.FCOS.CLASS_THRESHOLDS`` override that applies them, and each class's
+  precision, recall and F1 at them, at ``--global-threshold`` and, if the config sets
+  ``MODEL.FCOS.CLASS_THRESHOLDS``, at those; needs ``MODEL.WEIGHTS``.
 
 Box sizes are those the network sees: images resized by the config's test-time resize (or
 train-time, ``--input-size train``). Inference-time center-ness ablations (Table 4) are config
@@ -43,6 +48,8 @@ from ..cli import run_command  # noqa: E402
 from ..config import build_cfg  # noqa: E402
 from ..data.builtin import register_datasets_from_config  # noqa: E402
 from ..inference.oracle import build_annotated_test_loader  # noqa: E402
+from ..inference.slicing import build_slicing_model  # noqa: E402
+from ..modeling.postprocess import configured_class_thresholds  # noqa: E402
 from ..modeling.targets import FCOSTargetAssigner  # noqa: E402
 from .assignment import (  # noqa: E402
     RETINANET_RULES,
@@ -56,8 +63,17 @@ from .detections import (  # noqa: E402
     low_quality_share,
     score_iou_before_nms,
 )
+from .thresholds import (  # noqa: E402
+    choose_thresholds,
+    config_line,
+    match_detections,
+    operating_point,
+    summary,
+)
 
-COMMANDS = ("bpr", "ambiguity", "centerness", "pr-curves")
+# Detections per image while choosing thresholds: more than post-NMS ever keeps.
+UNCAPPED = 1 << 20
+COMMANDS = ("bpr", "ambiguity", "centerness", "pr-curves", "thresholds")
 BPR_COLUMNS = (("bpr", "BPR %"),)
 AMBIGUITY_COLUMNS = (
     ("ambiguous", "amb. %"),
@@ -81,6 +97,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--output", help="folder for the JSON and PNG files")
     parser.add_argument("--input-size", choices=("test", "train"), default="test")
     parser.add_argument("--max-images", type=int, default=0, help="use only the first N images")
+    criterion = parser.add_mutually_exclusive_group()
+    criterion.add_argument(
+        "--criterion", choices=("f1",), default="f1", help="thresholds: best F1 per class"
+    )
+    criterion.add_argument(
+        "--precision",
+        type=float,
+        metavar="P",
+        help="thresholds: the lowest threshold per class whose precision is >= P",
+    )
+    parser.add_argument(
+        "--global-threshold",
+        type=float,
+        default=0.5,
+        metavar="T",
+        help="thresholds: the one threshold to compare with, and the value of classes without a "
+        "true positive (default 0.5, demo.py's --confidence-threshold)",
+    )
     parser.add_argument("opts", nargs="*", help="config overrides: KEY VALUE ...")
     # Intermixed: config overrides may follow the command and the flags, as with train_net.py.
     return parser.parse_intermixed_args(argv)
@@ -214,6 +248,101 @@ def run_pr_curves(cfg, dataset: str, max_images: int, output: Path) -> dict:
     return curves
 
 
+def check_fraction(flag: str, value, low_inclusive: bool) -> None:
+    if value is not None and not ((0 <= value if low_inclusive else 0 < value) and value <= 1):
+        raise ConfigError(f"{flag} must be in {'[' if low_inclusive else '('}0, 1], got {value}")
+
+
+def detections_per_class(cfg, dataset: str, max_images: int) -> tuple[list[str], list, int]:
+    """The dataset's class names, each class's detections matched to the ground truth (in class
+    index order), and the number of images, with every detection the model gives before
+    ``MODEL.FCOS.CLASS_THRESHOLDS`` and ``TEST.DETECTIONS_PER_IMAGE`` (sliced where
+    ``TEST.SLICE.ENABLED``).
+
+    Without the cap because the detector applies it after the class thresholds: what they remove
+    leaves room for detections that a capped run would not show. So the figures are exact where
+    fewer than ``TEST.DETECTIONS_PER_IMAGE`` detections per image pass the thresholds.
+    """
+    unfiltered = cfg.clone()
+    unfiltered.defrost()
+    unfiltered.MODEL.FCOS.CLASS_THRESHOLDS = ()
+    unfiltered.MODEL.FCOS.POST_NMS_TOPK_TEST = 0
+    unfiltered.TEST.DETECTIONS_PER_IMAGE = UNCAPPED
+    model = build_slicing_model(unfiltered, load_model(unfiltered))
+    loader = build_detection_test_loader(unfiltered, dataset)
+    detections, image_ids = coco_detections(model, loader, max_images)
+    metadata = MetadataCatalog.get(dataset)  # after the loader: loading sets the id mapping
+    # COCO result dicts carry contiguous class indices: back to the dataset's category ids.
+    to_dataset_id = {
+        index: dataset_id
+        for dataset_id, index in metadata.get("thing_dataset_id_to_contiguous_id", {}).items()
+    }
+    for detection in detections:
+        index = detection["category_id"]
+        detection["category_id"] = to_dataset_id.get(index, index)
+    coco_gt = ground_truth_coco(dataset)
+    coco_gt.imgs = {i: coco_gt.imgs[i] for i in image_ids}
+    matched = match_detections(coco_gt, detections)
+    classes = list(metadata.thing_classes)
+    return classes, [matched[to_dataset_id.get(i, i)] for i in range(len(classes))], len(image_ids)
+
+
+def run_thresholds(cfg, dataset: str, args: argparse.Namespace) -> dict:
+    check_fraction("--precision", args.precision, low_inclusive=False)
+    check_fraction("--global-threshold", args.global_threshold, low_inclusive=True)
+    configured = list(configured_class_thresholds(cfg))
+    classes, per_class, num_images = detections_per_class(cfg, dataset, args.max_images)
+    chosen = choose_thresholds(
+        dict(enumerate(per_class)), precision=args.precision, fallback=args.global_threshold
+    )
+    thresholds = [chosen[index]["threshold"] for index in range(len(classes))]
+    settings = {
+        "per-class (chosen here)": thresholds,
+        f"global {args.global_threshold}": [args.global_threshold] * len(classes),
+    }
+    if configured:
+        settings["MODEL.FCOS.CLASS_THRESHOLDS of the config"] = configured
+    results = {}
+    for setting, values in settings.items():
+        points = [operating_point(d, t) for d, t in zip(per_class, values)]
+        results[setting] = {
+            "classes": {name: p.as_dict() for name, p in zip(classes, points)},
+            "all": summary(points),
+        }
+    print_thresholds(classes, chosen, results)
+    line = config_line(thresholds)
+    print(line)
+    return {
+        "criterion": "f1" if args.precision is None else f"precision >= {args.precision}",
+        "num_images": num_images,
+        "thresholds": {name: chosen[index] for index, name in enumerate(classes)},
+        "config_line": line,
+        "settings": results,
+    }
+
+
+def print_thresholds(classes: list[str], chosen: dict[int, dict], results: dict) -> None:
+    others = list(results)[1:]
+    print(
+        f"{'class':<14}{'support':>8}{'threshold':>10}{'precision':>10}{'recall':>8}{'F1':>7}"
+        + "".join(f"   F1 at {name}" for name in others)
+    )
+    for index, name in enumerate(classes):
+        point = chosen[index]
+        print(
+            f"{name:<14}{point['support']:>8}{point['threshold']:>10.4g}"
+            f"{point['precision']:>10.3f}{point['recall']:>8.3f}{point['f1']:>7.3f}"
+            + "".join(f"{results[o]['classes'][name]['f1']:>{len(o) + 9}.3f}" for o in others)
+            + (f"   ({point['note']})" if point["note"] else "")
+        )
+    for setting, result in results.items():
+        total = result["all"]
+        print(
+            f"all classes, {setting}: precision {total['precision']:.3f} recall "
+            f"{total['recall']:.3f} F1 {total['f1']:.3f} (macro F1 {total['macro_f1']:.3f})"
+        )
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = build_cfg(args.config_file, args.opts)
@@ -235,13 +364,15 @@ def main(argv=None) -> int:
         result = run_assignment(args.command, cfg, records, args.input_size)
     elif args.command == "centerness":
         result = run_centerness(cfg, dataset, args.max_images, output)
+    elif args.command == "thresholds":
+        result = run_thresholds(cfg, dataset, args)
     else:
         result = run_pr_curves(cfg, dataset, args.max_images, output)
     target = output / f"{args.command}.json"
     target.write_text(json.dumps(result, indent=1))
     print(
         f"wrote {target}"
-        + (f" and {target.with_suffix('.png')}" if args.command in COMMANDS[2:] else "")
+        + (f" and {target.with_suffix('.png')}" if args.command in COMMANDS[2:4] else "")
     )
     return 0
 

@@ -28,7 +28,32 @@ def add_fcos_config(cfg: CN) -> CN:
         add_authors_keys(cfg)
     if "BOX_VOTING" not in cfg.TEST.AUG:
         _add_test_keys(cfg)
+    if "SLICE" not in cfg.TEST:
+        _add_slice_keys(cfg)
     return cfg
+
+
+def _add_slice_keys(cfg: CN) -> None:
+    # ours: sliced inference for small objects in large images (fcos_d2/inference/slicing.py),
+    # used by FCOSPredictor (demo.py) and available to evaluation: the original image is cut into
+    # overlapping SIZE x SIZE tiles (each resized like any input by INPUT.MIN/MAX_SIZE_TEST, so a
+    # tile of the test size is seen at its own pixels), the detector runs on the tiles (BATCH_SIZE
+    # per pass) and, with FULL_IMAGE, on the whole resized image too; the boxes are mapped back and
+    # merged per class by MERGE: "nms" (at MODEL.FCOS.NMS_TH) or "voting" (NMS, then each kept box
+    # the score-weighted mean of its cluster). DROP_CUT_BOXES drops a tile's box that touches an
+    # inner border of its tile when another tile sees that box whole. SIZE must be at least the
+    # largest stride; OVERLAP (a share of SIZE) in [0, 1).
+    cfg.TEST.SLICE = CN(
+        {
+            "ENABLED": False,
+            "SIZE": 512,
+            "OVERLAP": 0.2,
+            "FULL_IMAGE": True,
+            "MERGE": "nms",
+            "DROP_CUT_BOXES": True,
+            "BATCH_SIZE": 4,
+        }
+    )
 
 
 def _add_test_keys(cfg: CN) -> None:
@@ -71,7 +96,8 @@ def _add_dataset_keys(cfg: CN) -> None:
     # Detectron2's INPUT.MIN_SIZE_TRAIN_SAMPLING ("choice", "range") also takes "choice_per_batch"
     # (ours, no new key): one size of MIN_SIZE_TRAIN per batch, not per image. Our Trainer's
     # loader reads it (fcos_d2/data/augmentation.py); Detectron2's own DatasetMapper refuses it.
-    # The embedded "shapes" dataset (fcos_d2/data/shapes.py), registered as shapes_train/shapes_val.
+    # The embedded "shapes" dataset (fcos_d2/data/shapes.py), registered as shapes_train/shapes_val
+    # (and shapes_large_val, below).
     cfg.DATASETS.SHAPES = CN()
     shapes = cfg.DATASETS.SHAPES
     shapes.ROOT = ""  # "" -> $FCOS_D2_DATASETS, else <repository>/datasets
@@ -80,6 +106,13 @@ def _add_dataset_keys(cfg: CN) -> None:
     shapes.IMAGE_SIZE = [256, 256]  # height, width
     shapes.MAX_OBJECTS = 6
     shapes.SEED = 0
+    # The large-image split shapes_large_val (ours): many small objects in large images, for
+    # sliced inference (TEST.SLICE.*). Objects' longer side is log-uniform from 10 px to
+    # LARGE_MAX_OBJECT_SIDE px; seed DATASETS.SHAPES.SEED + 2000.
+    shapes.NUM_LARGE_VAL = 32
+    shapes.LARGE_IMAGE_SIZE = [1024, 1024]  # height, width
+    shapes.LARGE_MAX_OBJECTS = 60
+    shapes.LARGE_MAX_OBJECT_SIDE = 64.0
 
 
 def _add_user_dataset_keys(cfg: CN) -> None:
@@ -116,6 +149,11 @@ def _add_model_keys(cfg: CN) -> None:
     # Detections per image: 0 follows TEST.DETECTIONS_PER_IMAGE (Detectron2's key); the authors'
     # YAML files may set it, and then it must agree with TEST.DETECTIONS_PER_IMAGE.
     fcos.POST_NMS_TOPK_TEST = 0
+    # ours: per-class operating points, one score per class (or empty: none). After NMS a
+    # detection is kept only if its final score is >= its class's value; INFERENCE_TH_TEST still
+    # selects the candidates before NMS. Honoured by FCOSPredictor, demo.py, evaluation and the
+    # exported model; `python -m fcos_d2.analysis thresholds` computes them on a validation set.
+    fcos.CLASS_THRESHOLDS = ()
     fcos.NORM = "GN"  # "GN", "BN" (one per level), "SyncBN", or "" / "none" (no norm)
     fcos.USE_SCALE = True
     # Filter candidates on cls * quality instead of cls alone.

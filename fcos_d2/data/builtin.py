@@ -14,8 +14,8 @@ from ..checks import check_that
 from .shapes import ShapesSpec, default_shapes_root, register_shapes_dataset
 from .user_datasets import register_user_datasets
 
-# Split name -> offset added to DATASETS.SHAPES.SEED, so that train and val never share images.
-SHAPES_SPLITS: dict[str, int] = {"shapes_train": 0, "shapes_val": 1000}
+# Split name -> offset added to DATASETS.SHAPES.SEED, so that no two splits share images.
+SHAPES_SPLITS: dict[str, int] = {"shapes_train": 0, "shapes_val": 1000, "shapes_large_val": 2000}
 
 
 def register_shapes(
@@ -27,18 +27,32 @@ def register_shapes(
     image_size: Sequence[int] = (256, 256),
     max_objects: int = 6,
     seed: int = 0,
+    num_large_val: int = 32,
+    large_image_size: Sequence[int] = (1024, 1024),
+    large_max_objects: int = 60,
+    large_max_object_side: float = 64.0,
 ) -> list[str]:
     """Register the shapes splits ``names`` (writing their files on first use); returns them.
 
     Arguments mirror ``DATASETS.SHAPES.*`` (``root`` "": ``$FCOS_D2_DATASETS``, else
-    ``<repository>/datasets``). The local main process generates the files while the others wait,
-    so that several processes never write the same files.
+    ``<repository>/datasets``; the ``large_*`` ones are for ``shapes_large_val``). The local main
+    process generates the files while the others wait, so that several processes never write the
+    same files.
     """
     names = [names] if isinstance(names, str) else list(dict.fromkeys(names))
     unknown = [name for name in names if name not in SHAPES_SPLITS]
     check_that(not unknown, "shapes split names", f"in {list(SHAPES_SPLITS)}", unknown)
+    large = ShapesSpec(
+        num_images=num_large_val,
+        image_size=tuple(large_image_size),
+        max_objects=large_max_objects,
+        seed=seed + SHAPES_SPLITS["shapes_large_val"],
+        max_object_side=large_max_object_side,
+    )
     specs = {
-        name: ShapesSpec(
+        name: large
+        if name == "shapes_large_val"
+        else ShapesSpec(
             num_images=num_train if name == "shapes_train" else num_val,
             image_size=tuple(image_size),
             max_objects=max_objects,
@@ -71,6 +85,10 @@ def register_shapes_from_config(cfg: CN) -> None:
         image_size=shapes.IMAGE_SIZE,
         max_objects=shapes.MAX_OBJECTS,
         seed=shapes.SEED,
+        num_large_val=shapes.NUM_LARGE_VAL,
+        large_image_size=shapes.LARGE_IMAGE_SIZE,
+        large_max_objects=shapes.LARGE_MAX_OBJECTS,
+        large_max_object_side=shapes.LARGE_MAX_OBJECT_SIDE,
     )
 
 

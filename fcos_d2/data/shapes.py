@@ -74,6 +74,10 @@ class ShapesSpec:
     image_size: tuple[int, int] = (256, 256)  # (height, width)
     max_objects: int = 6
     seed: int = 0
+    # Largest longer box side in pixels; 0: MAX_OBJECT_FRACTION of the shorter image side (the
+    # default splits). A few dozen pixels in a large image give the many small objects that
+    # sliced inference is for.
+    max_object_side: float = 0.0
 
     def __post_init__(self) -> None:
         # Checked here so that a bad value fails where it is written, not deep in generation.
@@ -91,14 +95,33 @@ class ShapesSpec:
                 f"{MIN_IMAGE_SIDE}, got {size!r}"
             )
         object.__setattr__(self, "image_size", (int(size[0]), int(size[1])))
+        side = self.max_object_side
+        if (
+            not isinstance(side, (int, float, np.integer, np.floating))
+            or isinstance(side, bool)
+            or not (side == 0 or MIN_OBJECT_SIDE <= side)
+        ):
+            raise ValueError(
+                f"ShapesSpec.max_object_side must be 0 or a number >= {MIN_OBJECT_SIDE}, "
+                f"got {side!r}"
+            )
+        object.__setattr__(self, "max_object_side", float(side))
 
     @property
     def folder_name(self) -> str:
         height, width = self.image_size
+        # Specs of the default object sizes keep the folder names of earlier releases' caches.
+        side = f"_side{self.max_object_side:g}" if self.max_object_side else ""
         return (
-            f"shapes_{self.num_images}x{height}x{width}_obj{self.max_objects}"
+            f"shapes_{self.num_images}x{height}x{width}_obj{self.max_objects}{side}"
             f"_seed{self.seed}_v{GENERATOR_VERSION}"
         )
+
+    @property
+    def largest_object_side(self) -> float:
+        """The longest box side objects are drawn with, in pixels."""
+        fraction_side = MAX_OBJECT_FRACTION * min(self.image_size)
+        return min(self.max_object_side, fraction_side) if self.max_object_side else fraction_side
 
 
 def _is_int(value: object) -> bool:
@@ -128,7 +151,7 @@ def generate_shapes_split(spec: ShapesSpec, out_dir: str | Path) -> Path:
         image_id = index + 1
         is_empty = spec.max_objects == 0 or image_id % EMPTY_IMAGE_PERIOD == 0
         num_objects = 0 if is_empty else int(rng.integers(1, spec.max_objects + 1))
-        pixels, objects = _render_image(rng, height, width, num_objects)
+        pixels, objects = _render_image(rng, height, width, num_objects, spec.largest_object_side)
         file_name = f"{index:06d}.png"
         ok, png = cv2.imencode(".png", cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR))
         if not ok:
@@ -384,12 +407,12 @@ def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray
 
 
 def _render_image(
-    rng: np.random.Generator, height: int, width: int, num_objects: int
+    rng: np.random.Generator, height: int, width: int, num_objects: int, max_side: float
 ) -> tuple[np.ndarray, list[tuple[int, list[float], float]]]:
-    """One uint8 RGB image and its objects as (class index, COCO bbox, pixel area)."""
+    """One uint8 RGB image and its objects (longer side up to ``max_side`` px) as (class index,
+    COCO bbox, pixel area)."""
     canvas = _background(rng, height, width)
     owner = np.full((height, width), -1, np.int32)  # which object shows at each pixel; -1: none
-    max_side = MAX_OBJECT_FRACTION * min(height, width)
     plans = []
     for _ in range(num_objects):
         class_index = int(rng.integers(len(SHAPES_CLASSES)))

@@ -125,6 +125,13 @@ class FCOSCore:
                 part_classes,
                 "FCOSCore",
             )
+        check_that(
+            len(postprocessor.class_thresholds) in (0, num_classes),
+            "MODEL.FCOS.CLASS_THRESHOLDS",
+            f"empty or one score per class ({num_classes})",
+            list(postprocessor.class_thresholds),
+            "FCOSCore argument postprocessor",
+        )
         check_choice(
             inference_quality,
             INFERENCE_QUALITIES,

@@ -10,6 +10,7 @@ of the example input.
 """
 
 import copy
+import functools
 from collections.abc import Sequence
 from typing import Union
 
@@ -23,6 +24,13 @@ from ..checks import ConfigError, check_that
 from .box_ops import decode_ltrb
 
 _WHERE = "FCOSPostProcessor argument"
+
+
+@functools.lru_cache(maxsize=16)
+def thresholds_tensor(values: tuple[float, ...]) -> Tensor:
+    """Per-class thresholds as a (read-only) tensor, made once per setting and outside any trace
+    (the post-processor makes it when built): a trace records it as a constant of the graph."""
+    return torch.tensor(values, dtype=torch.float32)
 
 
 def clamped_count(count: Union[int, Tensor], limit: int) -> Union[int, Tensor]:
@@ -53,6 +61,7 @@ class FCOSPostProcessor:
         normalized_reg: bool = True,
         class_agnostic_nms: bool = False,
         min_box_size: float = 0.0,
+        class_thresholds: Sequence[float] = (),
     ):
         """
         Args:
@@ -62,6 +71,11 @@ class FCOSPostProcessor:
             pre_nms_topk: candidates kept per level, by class score x quality.
             post_nms_topk: detections kept per image after NMS.
             score_sqrt: final score sqrt(cls x quality) (improved) or cls x quality (paper).
+            class_thresholds: ``MODEL.FCOS.CLASS_THRESHOLDS``, one per class or none: after NMS a
+                detection is kept only if its final score is >= its class's value (the operating
+                point of a demo's confidence threshold, per class); ``score_threshold`` still
+                selects the candidates before NMS. Applied as a gather by class index and a mask,
+                so that traced and exported graphs keep it.
         """
         self.strides = list(strides)
         self.score_threshold = score_threshold
@@ -73,7 +87,9 @@ class FCOSPostProcessor:
         self.normalized_reg = normalized_reg
         self.class_agnostic_nms = class_agnostic_nms
         self.min_box_size = min_box_size
+        self.class_thresholds = tuple(float(t) for t in class_thresholds)
         self._validate()
+        thresholds_tensor(self.class_thresholds)
 
     def _validate(self) -> None:
         check_that(
@@ -118,6 +134,13 @@ class FCOSPostProcessor:
             self.min_box_size,
             f"{_WHERE} min_box_size",
         )
+        check_that(
+            all(0 <= t <= 1 for t in self.class_thresholds),
+            "MODEL.FCOS.CLASS_THRESHOLDS",
+            "scores in [0, 1]",
+            list(self.class_thresholds),
+            f"{_WHERE} class_thresholds",
+        )
 
     @classmethod
     def from_config(cls, cfg):
@@ -132,6 +155,7 @@ class FCOSPostProcessor:
             "thresh_with_quality": fcos.THRESH_WITH_CTR,
             "score_sqrt": fcos.SCORE_SQRT,
             "normalized_reg": fcos.NORM_REG_TARGETS,
+            "class_thresholds": configured_class_thresholds(cfg),
         }
 
     def replace(self, **changes) -> "FCOSPostProcessor":
@@ -144,6 +168,7 @@ class FCOSPostProcessor:
         other = copy.copy(self)
         vars(other).update(changes)
         other._validate()
+        thresholds_tensor(tuple(other.class_thresholds))
         return other
 
     def __call__(
@@ -199,10 +224,27 @@ class FCOSPostProcessor:
             boxes, scores, classes = boxes[keep], scores[keep], classes[keep]
         nms_groups = torch.zeros_like(classes) if self.class_agnostic_nms else classes
         keep = batched_nms(boxes.tensor, scores, nms_groups, self.nms_threshold)
+        if self.class_thresholds:
+            # Before the top-N cut, so that removed detections leave room for others.
+            thresholds = thresholds_tensor(tuple(self.class_thresholds)).to(scores.device)
+            keep = keep[scores[keep] >= thresholds[classes[keep]]]
         keep = keep[: self.post_nms_topk]
         return Instances(
             image_size, pred_boxes=boxes[keep], scores=scores[keep], pred_classes=classes[keep]
         )
+
+
+def configured_class_thresholds(cfg) -> tuple[float, ...]:
+    """``MODEL.FCOS.CLASS_THRESHOLDS``: empty, or one score per class of ``MODEL.FCOS.NUM_CLASSES``
+    (values are checked by :class:`FCOSPostProcessor`)."""
+    thresholds, num_classes = tuple(cfg.MODEL.FCOS.CLASS_THRESHOLDS), cfg.MODEL.FCOS.NUM_CLASSES
+    if thresholds and len(thresholds) != num_classes:
+        raise ConfigError(
+            f"MODEL.FCOS.CLASS_THRESHOLDS has {len(thresholds)} values but "
+            f"MODEL.FCOS.NUM_CLASSES is {num_classes}: give one score threshold per class, or "
+            "none to keep every detection above MODEL.FCOS.INFERENCE_TH_TEST"
+        )
+    return thresholds
 
 
 def detections_per_image(cfg) -> int:

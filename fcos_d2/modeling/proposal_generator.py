@@ -69,6 +69,13 @@ class FCOSProposalGenerator(nn.Module):
     @classmethod
     def from_config(cls, cfg, input_shape: dict[str, ShapeSpec]):
         check_authors_keys(cfg)
+        check_that(
+            not cfg.MODEL.FCOS.CLASS_THRESHOLDS,
+            "MODEL.FCOS.CLASS_THRESHOLDS",
+            "empty with PROPOSAL_GENERATOR FCOS (the ROI heads score the final detections: "
+            "MODEL.ROI_HEADS.SCORE_THRESH_TEST)",
+            list(cfg.MODEL.FCOS.CLASS_THRESHOLDS),
+        )
         agnostic = cfg.clone()
         agnostic.defrost()
         agnostic.MODEL.FCOS.NUM_CLASSES = 1

@@ -62,6 +62,7 @@ model = L(FCOS)(
             thresh_with_quality=False,
             score_sqrt=True,
             normalized_reg=True,
+            class_thresholds=(),  # per-class operating points, as MODEL.FCOS.CLASS_THRESHOLDS
         ),
         inference_quality="branch",
     ),
