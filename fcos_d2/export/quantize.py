@@ -58,6 +58,27 @@ def network_nodes(onnx_model, model: nn.Module) -> tuple[list[str], list[str]]:
     return quantized, kept
 
 
+def without_shared_initializers(onnx_model):
+    """The model with each ``Identity`` of an initializer replaced by a copy of it.
+
+    The exporter stores equal weights once (e.g. the zero biases of an untrained head) and feeds
+    the others through ``Identity`` nodes; the quantizer needs every weight and bias of a
+    convolution to be an initializer, or it leaves that convolution in float32.
+    """
+    from onnx import numpy_helper
+
+    graph = onnx_model.graph
+    initializers = {init.name: init for init in graph.initializer}
+    copies = [
+        node for node in graph.node if node.op_type == "Identity" and node.input[0] in initializers
+    ]
+    for node in copies:
+        array = numpy_helper.to_array(initializers[node.input[0]])
+        graph.initializer.append(numpy_helper.from_array(array, node.output[0]))
+        graph.node.remove(node)
+    return onnx_model
+
+
 class CalibrationImages:
     """onnxruntime's ``CalibrationDataReader`` over (3, H, W) float32 images, as feeds of a
     single-image or batched file (a batch of one)."""
@@ -105,11 +126,12 @@ def quantize_int8(
         quantize_static,
     )
 
-    quantized, kept = network_nodes(onnx.load(str(float_path)), model)
+    onnx_model = without_shared_initializers(onnx.load(str(float_path)))
+    quantized, kept = network_nodes(onnx_model, model)
     reader = CalibrationImages(images, batched)
     with torch.no_grad(), _without_preprocessing_advice():
         quantize_static(
-            str(float_path),
+            onnx_model,
             str(int8_path),
             reader,
             quant_format=QuantFormat.QDQ,
