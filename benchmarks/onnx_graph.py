@@ -31,9 +31,14 @@ from benchmarks.models import TestSettings, build_fcos_d2  # noqa: E402
 def export_forward(model, image, path: Path) -> None:
     """The previous export: ``model([{"image": image}])`` traced as it is."""
     from fcos_d2.export import ExportableFCOS
-    from fcos_d2.export.model import INPUT_NAMES, ONNX_OPSET, OUTPUT_NAMES
+    from fcos_d2.export.model import (
+        INPUT_NAMES,
+        ONNX_OPSET,
+        OUTPUT_NAMES,
+        quiet_benign_tracer_warnings,
+    )
 
-    with torch.no_grad():
+    with torch.no_grad(), quiet_benign_tracer_warnings():
         torch.onnx.export(
             ExportableFCOS(model),
             (image,),

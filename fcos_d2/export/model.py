@@ -1,15 +1,20 @@
-"""The whole detector as one traced graph: image in, boxes / scores / classes out.
+"""The whole detector as one traced graph: image(s) in, boxes / scores / classes out.
 
 Export uses the TorchScript tracer (``torch.jit.trace``, and ``torch.onnx.export(dynamo=False)``,
 which traces the same way) rather than torch 2.x's default ``torch.export`` route: FCOS decoding has
 data-dependent sizes (score threshold, top-k, NMS) and Detectron2's ``Boxes`` branches on them in
 Python (``if tensor.numel() == 0``, finiteness asserts), which ``torch.export`` rejects with
 "Could not guard on data-dependent expression". The tracer records the tensor ops instead: shapes
-read from tensors stay dynamic (``ImageList.from_tensors``, ``clamped_count`` in the FCOS
+read from tensors stay dynamic (:func:`pad_to_multiple`, ``clamped_count`` in the FCOS
 post-processor), and torchvision scripts its ``batched_nms`` under tracing, so its empty-input
 branch stays in the graph as a real ``If``. The Python-side checks the tracer warns about (listed
-in :func:`_quiet_benign_tracer_warnings`) are asserts or no-ops that bake nothing into the graph;
+in :func:`quiet_benign_tracer_warnings`) are asserts or no-ops that bake nothing into the graph;
 ``--verify`` checks the result at sizes other than the traced one.
+
+What is traced is :class:`FCOSGraph`: the model's own preprocessing, backbone and head, and the
+FCOS decoding of all images at once (one graph for one image or a dynamic batch);
+:class:`ExportableFCOS` (the model's own ``forward``) is the PyTorch reference it is verified
+against.
 """
 
 import contextlib
@@ -211,7 +216,7 @@ def example_image(cfg) -> Tensor:
 
 
 @contextlib.contextmanager
-def _quiet_benign_tracer_warnings() -> Iterator[None]:
+def quiet_benign_tracer_warnings() -> Iterator[None]:
     """Silence the warnings that are expected when tracing Detectron2 code, and only those.
 
     Detectron2 ``structures`` / ``layers`` convert tensors to Python values in shape asserts
@@ -278,7 +283,7 @@ def export_model(
     inputs = example_batch(example) if batched else (example,)
     input_names = BATCHED_INPUT_NAMES if batched else INPUT_NAMES
     output_names = BATCHED_OUTPUT_NAMES if batched else OUTPUT_NAMES
-    with torch.no_grad(), _quiet_benign_tracer_warnings():
+    with torch.no_grad(), quiet_benign_tracer_warnings():
         if fmt == "torchscript":
             # check_trace would re-run the model twice more; --verify compares at several sizes.
             traced = torch.jit.trace(graph, inputs, check_trace=False)
