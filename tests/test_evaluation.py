@@ -24,6 +24,9 @@ from fcos_d2.d2_compat import detectron2_has_compiled_coco_eval  # noqa: E402
 @pytest.fixture(scope="module")
 def case(tmp_path_factory):
     """60 images, ~7 boxes each (1% crowd), 100 detections each, registered for COCOEvaluator."""
+    assert evaluation.faster_coco_eval_class() is not None, (
+        "faster-coco-eval, a dependency of fcos-d2, is not installed: run make setup"
+    )
     gt, predictions = synthetic_coco(num_images=60, seed=3)
     name = register(gt, tmp_path_factory.mktemp("coco"), "test_faster_coco_eval")
     return name, gt, predictions
