@@ -163,11 +163,12 @@ class FCOSGraph(nn.Module):
     Inside: normalization by ``MODEL.PIXEL_MEAN`` / ``PIXEL_STD``, zero padding to the backbone's
     size divisibility, backbone + FPN, head, and :meth:`~fcos_d2.modeling.core.FCOSCore.
     inference_batched`: the model's own selection (threshold, per-level top-k, decoding, clipping,
-    NMS, top-N, Detectron2's removal of empty boxes) without a loop over images, and without
-    gathering every (location, class) pair above the threshold, which cost more than the
-    selection itself in the graph of ``model.forward`` (docs/export.md). Boxes are in the pixels
-    of each image; the proposal network's scores are its FCOS scores, the sigmoid of the
-    ``objectness_logits`` of its proposals.
+    NMS, top-N, Detectron2's removal of empty boxes) without a loop over images (which the tracer
+    would unroll into a fixed batch size) and without gathering every (location, class) pair
+    above the threshold (NonZero and GatherND over up to H/8 x W/8 x C pairs in the graph of
+    ``model.forward``: docs/export.md). Boxes are in the pixels of each image; the proposal
+    network's scores are its FCOS scores, the sigmoid of the ``objectness_logits`` of its
+    proposals.
     """
 
     def __init__(self, model: nn.Module, batched: bool = False):

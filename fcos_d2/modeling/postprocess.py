@@ -256,19 +256,15 @@ class FCOSPostProcessor:
         keep = batched_nms(boxes, scores, groups, self.nms_threshold)  # by descending score
         boxes, scores, classes = boxes[keep], scores[keep], classes[keep]
         batch_index = batch_index[keep]
-        # Rank of each detection among its image's (they are in descending score order).
-        images = torch.arange(image_sizes.shape[0], device=boxes.device)
-        member = (batch_index[:, None] == images[None, :]).long()  # (K, N)
-        rank = ((member.cumsum(0) - 1) * member).sum(1)
+        # NMS keeps them by descending score: the first post_nms_topk of each image stay.
+        rank, _ = _ranks_in_image(batch_index, image_sizes.shape[0])
         keep = (rank < self.post_nms_topk) & _nonempty(boxes, 0.0)
         boxes, scores, classes = boxes[keep], scores[keep], classes[keep]
-        batch_index, rank = batch_index[keep], rank[keep]
-        # Group by image: each detection's place is the count of earlier images' plus its rank
-        # among the kept of its own image.
-        member = (batch_index[:, None] == images[None, :]).long()
-        place = ((member.cumsum(0) - 1) * member).sum(1)
-        place = place + ((member.sum(0).cumsum(0) - member.sum(0))[batch_index])
-        order = torch.zeros_like(place).scatter(0, place, torch.arange(place.shape[0]))
+        batch_index = batch_index[keep]
+        # Grouped by image: each detection goes after the earlier images' ones, at its rank.
+        rank, before = _ranks_in_image(batch_index, image_sizes.shape[0])
+        place = rank + before[batch_index]
+        order = torch.zeros_like(place).scatter(0, place, torch.arange(place.shape[0]).to(place))
         return BatchedDetections(boxes[order], scores[order], classes[order], batch_index[order])
 
     def _decode_level_batched(
@@ -302,6 +298,16 @@ class FCOSPostProcessor:
         return Instances(
             image_size, pred_boxes=boxes[keep], scores=scores[keep], pred_classes=classes[keep]
         )
+
+
+def _ranks_in_image(batch_index: Tensor, num_images: Union[int, Tensor]) -> tuple[Tensor, Tensor]:
+    """Each detection's rank among the earlier ones of its image (K,), and the number of
+    detections of the images before each image (N,); no loop, so that N stays dynamic."""
+    images = torch.arange(num_images, device=batch_index.device)
+    member = (batch_index[:, None] == images[None, :]).long()  # (K, N)
+    rank = ((member.cumsum(0) - 1) * member).sum(1)
+    counts = member.sum(0)
+    return rank, counts.cumsum(0) - counts
 
 
 def _nonempty(boxes: Tensor, threshold: float) -> Tensor:
