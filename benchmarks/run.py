@@ -6,8 +6,9 @@
 All models are built in one process on the same synthetic inputs and timed round-robin (one run
 of each model per repetition), so that drift affects all of them alike; the medians are printed
 with their ratio to Detectron2's FCOS, next to the targets of issue #9. Peak memory is measured in
-a fresh process per model (see benchmarks/memory.py). Writes ``results.json`` and ``results.md``
-to ``--output``.
+a fresh process per model (see benchmarks/memory.py). The ``onnx`` group times fcos-d2's exported
+files on onnxruntime against its PyTorch inference (benchmarks/deploy.py; targets of issue #20).
+Writes ``results.json`` and ``results.md`` to ``--output``.
 
 Post-processing settings: every detector gets the same score threshold, 1000 candidates per
 level, NMS at 0.6 and 100 detections. The threshold defaults to 0.0 for whole-model inference:
