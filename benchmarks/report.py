@@ -39,6 +39,15 @@ def _cpu_flags() -> set:
     return set()
 
 
+def _version(package: str) -> Optional[str]:
+    try:
+        from importlib.metadata import version
+
+        return version(package)
+    except Exception:  # not installed
+        return None
+
+
 def _git_commit() -> str:
     try:
         out = subprocess.run(
@@ -74,11 +83,15 @@ def machine_description(device: torch.device) -> dict:
         "torch_threads": torch.get_num_threads(),
         "avx512_bf16": "avx512_bf16" in flags,
         "amx": "amx_tile" in flags,
+        # int8 kernels (the onnx group's int8 files): VNNI dot products, AMX int8 tiles.
+        "avx512_vnni": "avx512_vnni" in flags,
+        "amx_int8": "amx_int8" in flags,
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
         "detectron2": detectron2.__version__,
+        "onnxruntime": _version("onnxruntime"),
         "fcos_d2_commit": _git_commit(),
         "device": str(device),
         "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
@@ -100,10 +113,13 @@ def describe_machine(info: dict) -> str:
     text = (
         f"CPU: {info['cpu']} ({info['cpus_usable']} usable of {info['cpu_count']} cores), "
         f"torch threads {info['torch_threads']}, AVX512-BF16 "
-        f"{'yes' if info['avx512_bf16'] else 'no'}, torch CPU capability "
+        f"{'yes' if info['avx512_bf16'] else 'no'}, AVX512-VNNI "
+        f"{'yes' if info.get('avx512_vnni') else 'no'}, AMX-INT8 "
+        f"{'yes' if info.get('amx_int8') else 'no'}, torch CPU capability "
         f"{info['torch_cpu_capability']}\n"
         f"torch {info['torch']}, torchvision {info['torchvision']}, detectron2 "
-        f"{info['detectron2']}, fcos-d2 {info['fcos_d2_commit']}, Python {info['python']}\n"
+        f"{info['detectron2']}, onnxruntime {info.get('onnxruntime')}, fcos-d2 "
+        f"{info['fcos_d2_commit']}, Python {info['python']}\n"
         f"device: {info['device']}"
         + (
             f" ({info['gpu']}, {info['gpu_memory_gib']} GiB, CUDA {info['cuda']}, cuDNN "
@@ -185,6 +201,12 @@ def evaluate_targets(benchmarks: dict, device_type: str = "cpu") -> list[dict]:
             retina = bench["results"].get("d2_retinanet", {}).get("median")
             value = ours / retina if ours and retina else None
             add(key, "memory vs D2 RetinaNet", value, 0.6, "<= 0.6x D2 RetinaNet")
+        elif group == "onnx":
+            rows = bench["results"]
+            float32 = rows.get("onnxruntime", {}).get("ratio")
+            add(key, "ONNX Runtime float32 vs PyTorch", float32, 0.8, "float32 <= 0.8x PyTorch")
+            int8 = rows.get("onnxruntime_int8", {}).get("ratio_to_float32")
+            add(key, "ONNX Runtime int8 vs float32", int8, 0.6, "int8 <= 0.6x float32")
     memory = sorted(
         (bench["boxes"], key)
         for key, bench in benchmarks.items()
@@ -222,11 +244,13 @@ def _cell(row: Optional[dict], unit: str) -> str:
 
 def markdown_table(benchmarks: dict, detectors: list[str], cpu: bool = False) -> str:
     """One row per benchmark: medians with ratios, and the targets; ``cpu``: process CPU time
-    medians of the timed benchmarks instead (no targets)."""
+    medians of the timed benchmarks instead (no targets). The onnx group has its own table."""
     header = ["benchmark", *(SHORT_LABELS[d] for d in detectors)]
     header += [] if cpu else ["target (fcos-d2)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for bench in benchmarks.values():
+        if bench["group"] == "onnx":
+            continue
         results = bench["results"]
         if cpu:
             if bench["unit"] != "s":
@@ -238,6 +262,48 @@ def markdown_table(benchmarks: dict, detectors: list[str], cpu: bool = False) ->
             add_ratios(results)
         cells = [bench["title"]]
         cells += [_cell(results.get(d), bench["unit"]) for d in detectors]
+        if not cpu:
+            cells.append(
+                "; ".join(
+                    f"{t['what']}: {t['value']:.2f}x {'met' if t['met'] else 'NOT met'}"
+                    for t in bench.get("targets", [])
+                )
+            )
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+ONNX_RUNTIMES = {
+    "pytorch": "PyTorch (fcos-d2)",
+    "onnxruntime": "ONNX Runtime float32",
+    "onnxruntime_int8": "ONNX Runtime int8",
+}
+
+
+def onnx_cell(row: Optional[dict], cpu: bool = False) -> str:
+    """Median in ms, its ratio to PyTorch (int8: also to the float32 file), detections matched."""
+    if not row:
+        return "-"
+    median = row["cpu_median"] if cpu else row["median"]
+    text = f"{median * 1000:.1f} ms"
+    if not cpu and row.get("ratio") is not None and "matched" in row:
+        text += f" ({row['ratio']:.2f}x"
+        if row.get("ratio_to_float32") is not None:
+            text += f"; {row['ratio_to_float32']:.2f}x float32"
+        text += f"); matched {row['matched'][0]}/{row['matched'][1]}"
+    return text
+
+
+def onnx_table(benchmarks: dict, cpu: bool = False) -> str:
+    """The onnx group: PyTorch, the float32 file and the int8 file per case (empty if not run)."""
+    rows = [b for b in benchmarks.values() if b["group"] == "onnx"]
+    if not rows:
+        return ""
+    header = ["exported file", *ONNX_RUNTIMES.values()] + ([] if cpu else ["targets"])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for bench in rows:
+        cells = [bench["title"]]
+        cells += [onnx_cell(bench["results"].get(name), cpu) for name in ONNX_RUNTIMES]
         if not cpu:
             cells.append(
                 "; ".join(

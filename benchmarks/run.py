@@ -9,7 +9,9 @@ of each model per repetition), so that drift affects all of them alike; the medi
 with their ratio to Detectron2's FCOS, next to the targets (issue #9 on CPUs, #17 on GPUs). Peak
 memory is measured in a fresh process per model (see benchmarks/memory.py). On CUDA every timing
 is between two ``torch.cuda.synchronize()`` and peak memory is ``torch.cuda.max_memory_allocated``.
-Writes ``results.json`` and ``results.md`` to ``--output``.
+The ``onnx`` group times fcos-d2's exported files on onnxruntime's CPU provider against its
+PyTorch inference (benchmarks/deploy.py; targets of issue #20). Writes ``results.json`` and
+``results.md`` to ``--output``.
 
 ``--sizes gpu`` is what users run on GPUs: inference of one 800x1333 image, training steps of 8
 images at 800x1333. ``inference_amp`` is inference in mixed precision (float16 on CUDA, bfloat16
@@ -41,7 +43,7 @@ if __package__ in (None, ""):  # run as a script: make the repository (and fcos_
 
 import torch  # noqa: E402
 
-from benchmarks import memory, report  # noqa: E402
+from benchmarks import deploy, memory, report  # noqa: E402
 from benchmarks.inputs import (  # noqa: E402
     candidate_dense_outputs,
     random_batch,
@@ -51,6 +53,7 @@ from benchmarks.models import (  # noqa: E402
     DETECTORS,
     FCOS_VARIANTS,
     REFERENCE,
+    REPO,
     TestSettings,
     build_detector,
 )
@@ -72,10 +75,14 @@ GROUPS = (
     "assign_loss",
     "assign_loss_memory",
     "postprocess",
+    "onnx",
 )
-# What runs without --only: on CPUs the figures of the README's CPU table; on CUDA also the
-# mixed-precision inference that GPU users run.
-DEFAULT_GROUPS = {"cpu": tuple(g for g in GROUPS if g != "inference_amp"), "cuda": GROUPS}
+# What runs without --only: on CPUs the figures of the README's CPU table and the exported files
+# on onnxruntime's CPU provider; on CUDA the README's GPU table, with mixed-precision inference.
+DEFAULT_GROUPS = {
+    "cpu": tuple(g for g in GROUPS if g != "inference_amp"),
+    "cuda": tuple(g for g in GROUPS if g != "onnx"),
+}
 POSTPROCESS_THRESHOLD = 0.05
 
 
@@ -91,6 +98,11 @@ class Sizes:
     assign_boxes: tuple = (10, 100, 1000, 5000)
     postprocess: tuple = (1, 800, 1216)
     candidates: int = 1000
+    onnx_r50: tuple = (800, 1216)
+    onnx_quickstart: int = 256
+    # Images the int8 files are calibrated on: noise for the random R-50 (only its time is
+    # compared), shapes train images for the quickstart (the export command's default).
+    onnx_calibration: tuple = (8, 64)
 
 
 FULL = Sizes()
@@ -102,6 +114,9 @@ QUICK = Sizes(
     assign_boxes=(10, 100, 400),
     postprocess=(1, 128, 192),
     candidates=200,
+    onnx_r50=(128, 192),
+    onnx_quickstart=64,
+    onnx_calibration=(2, 2),
 )
 # Issue #17: the sizes users train and test at on GPUs. Target assignment and post-processing take
 # dense outputs of the padded 800x1344 input (their level sizes need sides divisible by 32).
@@ -162,6 +177,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=[],
         metavar="KEY VALUE",
         help="config overrides for fcos-d2 only, e.g. MODEL.FCOS.CHECKPOINT_TOWERS True",
+    )
+    parser.add_argument(
+        "--quickstart-weights",
+        default=str(REPO / deploy.QUICKSTART_WEIGHTS),
+        help="trained quickstart model for the onnx group (default: make quickstart's; random "
+        "weights if the file does not exist)",
     )
     parser.add_argument("--output", default=str(Path(__file__).resolve().parent / "results"))
     args = parser.parse_args(argv)
@@ -410,6 +431,61 @@ class Runner:
             score_threshold=POSTPROCESS_THRESHOLD,
         )
 
+    def run_onnx(self):
+        """PyTorch, the float32 ONNX file and its int8 quantization on onnxruntime's CPU
+        provider (``--threads`` intra-op threads, like torch), round-robin on the same image."""
+        from fcos_d2.export.verify import FLOAT32, INT8, compare
+
+        if self.device.type != "cpu":
+            print("  (skipped: onnxruntime's CPU provider is compared on --device cpu)")
+            return
+        r50_calibration, quickstart_calibration = self.sizes.onnx_calibration
+        cases = [
+            deploy.r50_case(self.sizes.onnx_r50, self.settings, r50_calibration),
+            deploy.quickstart_case(
+                self.sizes.onnx_quickstart,
+                self.args.quickstart_weights,
+                quickstart_calibration,
+                self.settings.score_threshold,
+            ),
+        ]
+        for case in cases:
+            with deploy.temporary_folder() as folder:
+                deployed = deploy.deploy(case, Path(folder), self.args.threads)
+                measured = time_interleaved(deployed.workloads, self.args.repeats, self.device)
+                sizes = {k: path.stat().st_size / 2**20 for k, path in deployed.files.items()}
+            results = {}
+            reference = measured["pytorch"]["output"]
+            for name, result in measured.items():
+                row = report.summarize(result["samples"], result["cpu_samples"])
+                row["detections"] = len(result["output"][1])
+                if name != "pytorch":
+                    tolerance = INT8 if name.endswith("int8") else FLOAT32
+                    comparison = compare(reference, result["output"], tolerance)
+                    row["matched"] = [comparison.matched, comparison.total]
+                    row["tolerance"] = tolerance.describe()
+                    row["file_mib"] = sizes[name]
+                results[name] = row
+            report.add_ratios(results, reference="pytorch")
+            float32 = results["onnxruntime"]["median"]
+            results["onnxruntime_int8"]["ratio_to_float32"] = (
+                results["onnxruntime_int8"]["median"] / float32
+            )
+            self.benchmarks[f"onnx_{case.key}"] = {
+                "group": "onnx",
+                "title": case.title,
+                "unit": "s",
+                "weights": case.weights,
+                "calibration_images": len(case.calibration),
+                "onnxruntime_threads": self.args.threads,
+                "seconds_to_export": deployed.seconds_to_export,
+                "seconds_to_quantize": deployed.seconds_to_quantize,
+                "repeats": self.args.repeats,
+                "results": results,
+            }
+            cells = ", ".join(f"{name} {report.onnx_cell(row)}" for name, row in results.items())
+            print(f"  {case.title}: {cells}", flush=True)
+
     def run(self, after_group=None) -> dict:
         """Runs the selected groups in order; ``after_group(benchmarks)`` after each."""
         if "train_memory" in self.args.only or "assign_loss_memory" in self.args.only:
@@ -466,6 +542,8 @@ def main(argv=None) -> dict:
     finally:
         torch.set_num_threads(previous_threads)
     print("\n" + report.markdown_table(results["benchmarks"], args.detectors))
+    if report.onnx_table(results["benchmarks"]):
+        print("\n" + report.onnx_table(results["benchmarks"]))
     for target in results["targets"]:
         state = "met" if target["met"] else "NOT met"
         print(f"target {target['benchmark']}: {target['what']}: {target['value']:.2f}x, {state}")
@@ -486,6 +564,15 @@ def write(results: dict, output: Path, detectors: list[str]) -> None:
         "shared machine:\n\n"
         f"{report.markdown_table(results['benchmarks'], detectors, cpu=True)}\n"
     )
+    onnx = report.onnx_table(results["benchmarks"])
+    if onnx:
+        text += (
+            "\nExported files (onnxruntime CPU provider, graph optimizations on, as many "
+            "intra-op threads as torch's); in brackets the ratio to PyTorch; matched: "
+            "detections of the file that match PyTorch's (float32: the export's --verify "
+            "criterion; int8: its own):\n\n"
+            f"{onnx}\n\nProcess CPU time:\n\n{report.onnx_table(results['benchmarks'], cpu=True)}\n"
+        )
     (output / "results.md").write_text(text)
 
 

@@ -89,3 +89,31 @@ def cpu_has_native_bf16() -> bool:
     ``torch.cpu._is_avx512_bf16_supported`` / ``_is_amx_tile_supported`` (no public ones)."""
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def detectron2_has_compiled_coco_eval() -> bool:
+    """Whether Detectron2 was built with its C++ ``COCOeval_opt``: without it
+    ``detectron2.evaluation.coco_evaluation`` binds the name to pycocotools' ``COCOeval`` (the test
+    its own ``COCOEvaluator`` makes; there is no public flag)."""
+    from detectron2.evaluation import coco_evaluation
+
+    return coco_evaluation.COCOeval_opt is not coco_evaluation.COCOeval
+
+
+@contextlib.contextmanager
+def coco_eval_class_replaced(replacement: type) -> Iterator[None]:
+    """While active, ``COCOEvaluator`` evaluates with ``replacement`` where it would run
+    pycocotools' ``COCOeval`` (its compiled ``COCOeval_opt`` absent).
+
+    ``COCOEvaluator._eval_predictions`` passes the module-level ``COCOeval`` of
+    ``detectron2.evaluation.coco_evaluation`` to ``_evaluate_predictions_on_coco``; no argument
+    chooses another class.
+    """
+    from detectron2.evaluation import coco_evaluation
+
+    original = coco_evaluation.COCOeval
+    coco_evaluation.COCOeval = replacement
+    try:
+        yield
+    finally:
+        coco_evaluation.COCOeval = original

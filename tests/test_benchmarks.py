@@ -139,3 +139,39 @@ def test_detectron2_fcos_trains_under_autocast_only_with_float32_losses():
             model(inputs)
     assert all(torch.isfinite(v) for v in adapted.values())
     assert {k: v.item() for k, v in released.items()} == {k: v.item() for k, v in float32.items()}
+
+
+def test_onnx_rows_are_judged_and_tabled_on_their_own():
+    from benchmarks.report import evaluate_targets, markdown_table, onnx_table
+
+    def row(median, ratio=None, matched=None, **extra):
+        return {
+            "median": median,
+            "cpu_median": 2 * median,
+            "ratio": ratio,
+            **({"matched": matched} if matched else {}),
+            **extra,
+        }
+
+    benchmarks = {
+        "onnx_r50": {
+            "group": "onnx",
+            "title": "R_50_1x, batch 1 at 800x1216",
+            "unit": "s",
+            "results": {
+                "pytorch": row(2.0, 1.0),
+                "onnxruntime": row(1.7, 0.85, [97, 97]),
+                "onnxruntime_int8": row(0.8, 0.4, [0, 0], ratio_to_float32=0.8 / 1.7),
+            },
+        }
+    }
+    targets = evaluate_targets(benchmarks)
+    assert [(t["what"], t["met"]) for t in targets] == [
+        ("float32 <= 0.8x PyTorch", False),  # 0.85x
+        ("int8 <= 0.6x float32", True),  # 0.47x
+    ]
+    table = onnx_table(benchmarks)
+    assert "| R_50_1x, batch 1 at 800x1216 | 2000.0 ms | 1700.0 ms (0.85x); matched 97/97" in table
+    assert "800.0 ms (0.40x; 0.47x float32)" in table and "0.85x NOT met" in table
+    assert "1600.0 ms" in onnx_table(benchmarks, cpu=True)  # process CPU time
+    assert "R_50_1x" not in markdown_table(benchmarks, ["fcos_d2", "d2_fcos"])  # not a detector row

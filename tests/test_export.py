@@ -2,15 +2,31 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import cv2
 import pytest
 import torch
 from helpers import REPO, config_path, overfit, shrink, synthetic_image
 
-from fcos_d2.export import ExportableFCOS, export_model, load_exported
+from fcos_d2.export import (
+    ExportableFCOS,
+    FCOSGraph,
+    export_model,
+    exported_file,
+    load_exported,
+    pad_batch,
+)
 from fcos_d2.export.__main__ import main, parse_args
-from fcos_d2.export.verify import Comparison, compare, images_at_verify_sizes, verify_sizes
+from fcos_d2.export.verify import (
+    FLOAT32,
+    INT8,
+    Comparison,
+    batches,
+    compare,
+    images_at_verify_sizes,
+    verify_sizes,
+)
 
 # 128 x 160: not square, and the verify sizes 97 x 120 and 166 x 208 are not multiples of 32.
 HEIGHT, WIDTH = 128, 160
@@ -227,3 +243,190 @@ def test_verify_fails_when_the_weights_differ(trained, image_file, tmp_path, cap
     assert subprocess.run([*command, "MODEL.WEIGHTS", str(other)], cwd=REPO).returncode == 1
     rc, output = run_cli([*verify_only, "MODEL.WEIGHTS", weights], capsys)
     assert rc == 0 and matched_and_total(output)[0] == matched_and_total(output)[1] > 0
+
+
+def test_int8_options_are_checked(capsys):
+    base = ["--config-file", "c.yaml", "--output", "out", "--quantize", "int8"]
+    with pytest.raises(SystemExit):  # onnxruntime's quantization: ONNX only
+        parse_args([*base, "--format", "torchscript", "--calibrate-dataset", "d"])
+    with pytest.raises(SystemExit):  # calibration images are needed
+        parse_args([*base, "--format", "onnx"])
+    assert "--calibrate-dataset" in capsys.readouterr().err
+    args = parse_args([*base, "--format", "onnx", "--calibrate-dataset", "d"])
+    assert (args.quantize, args.calibrate_images) == ("int8", 64)
+
+
+def test_int8_comparison_counts_only_confident_detections():
+    boxes = torch.tensor([[0.0, 0, 100, 100], [50, 50, 80, 90], [10, 10, 20, 20]])
+    scores = torch.tensor([0.9, 0.5, 0.1])
+    classes = torch.tensor([0, 1, 2])
+    # int8 noise: boxes 2 px off (IoU 0.92), scores 0.03 off, and the weak one gone.
+    moved = boxes[:2] + torch.tensor([2.0, 0, 2, 0])
+    result = compare((boxes, scores, classes), (moved, scores[:2] - 0.03, classes[:2]), INT8)
+    assert (result.reference, result.exported, result.matched) == (2, 2, 2)
+    # The float32 criterion fails the same pair of files.
+    assert compare((boxes, scores, classes), (moved, scores[:2] - 0.03, classes[:2])).matched == 0
+    assert FLOAT32.min_score == 0  # float32 files are checked on every detection
+
+
+def test_batches_cover_every_image_with_full_batches():
+    images = list(range(5))
+    assert batches(images, 1) == [[0], [1], [2], [3], [4]]
+    assert batches(images, 2) == [[0, 1], [2, 3], [4, 0]]
+    assert batches(images, 4) == [[0, 1, 2, 3], [4, 0, 1, 2]]
+
+
+def split_by_image(outputs, count: int) -> list:
+    boxes, scores, classes, batch_index = outputs
+    assert batch_index.tolist() == sorted(batch_index.tolist())  # grouped by image, in order
+    return [
+        (boxes[batch_index == i], scores[batch_index == i], classes[batch_index == i])
+        for i in range(count)
+    ]
+
+
+def test_batched_graph_detects_what_the_model_detects(trained, image_file):
+    """The graph that --batched traces, run eagerly: a batch of same-size images gives each
+    image's own detections, and a batch of mixed sizes gives what the model gives for it."""
+    cfg, model, _, _ = trained("GN")
+    graph = FCOSGraph(model, batched=True)
+    same_size = [image_file[1]["image"]] + [
+        synthetic_image(HEIGHT, WIDTH, GT_BOXES, [0, 1, 2], seed=s)["image"] for s in (1, 2)
+    ]
+    mixed = images_at_verify_sizes(image_file[0], cfg)  # 128x160, 97x120, 166x208
+    with torch.no_grad():
+        per_image = [ExportableFCOS(model)(x) for x in same_size]
+        for reference, mine in zip(per_image, split_by_image(graph(*pad_batch(same_size)), 3)):
+            result = compare(reference, mine)
+            assert result.matched == result.total >= 3
+        references = ExportableFCOS(model).batch(mixed)
+        for reference, mine in zip(references, split_by_image(graph(*pad_batch(mixed)), 3)):
+            result = compare(reference, mine)
+            assert result.matched == result.total >= 3
+        # Single-image graph (what --format onnx traces without --batched) = the model.
+        result = compare(per_image[0], FCOSGraph(model)(same_size[0]))
+        assert result.matched == result.total and result.worst_box_diff < 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_batched_file_matches_pytorch_at_batch_1_2_and_4(
+    fmt, trained, image_file, tmp_path, capsys
+):
+    _, _, config_file, weights = trained("GN")
+    argv = ["--config-file", config_file, "--format", fmt, "--output", tmp_path]
+    rc, output = run_cli(
+        [*argv, "--batched", "--verify", image_file[0], "MODEL.WEIGHTS", weights], capsys
+    )
+    assert rc == 0 and "PASS" in output, output
+    for size in (1, 2, 4):
+        assert f"  batch of {size} (" in output
+    matched, total = matched_and_total(output)
+    assert matched == total >= 3 * 3 * 5, output  # each image at 3 sizes, in 3 batch sizes
+    # The batched file on a batch of three same-size images gives what the single-image file
+    # gives on each.
+    assert run_cli([*argv, "MODEL.WEIGHTS", weights], capsys)[0] == 0
+    single = load_exported(exported_file(tmp_path, fmt))
+    batched = load_exported(exported_file(tmp_path, fmt, batched=True))
+    images = [image_file[1]["image"]] + [
+        synthetic_image(HEIGHT, WIDTH, GT_BOXES, [0, 1, 2], seed=s)["image"] for s in (1, 2)
+    ]
+    outputs = batched(*pad_batch(images))
+    assert outputs[3].dtype == torch.int64
+    for image, mine in zip(images, split_by_image(outputs, 3)):
+        result = compare(single(image), mine)
+        assert result.matched == result.total >= 3
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory):
+    """Four images of the training boxes (seeds 0-3) as a COCO json, for DATASETS.COCO_JSON."""
+    import json
+
+    folder = tmp_path_factory.mktemp("tiny_dataset")
+    images, annotations = [], []
+    for seed in range(4):
+        image = synthetic_image(HEIGHT, WIDTH, GT_BOXES, [0, 1, 2], seed=seed)["image"].round()
+        name = f"{seed}.png"
+        cv2.imwrite(str(folder / name), image.permute(1, 2, 0).numpy().astype("uint8"))
+        images.append({"id": seed + 1, "file_name": name, "height": HEIGHT, "width": WIDTH})
+        for label, (x0, y0, x1, y1) in enumerate(GT_BOXES):
+            box = [x0, y0, x1 - x0, y1 - y0]
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": seed + 1,
+                    "category_id": label + 1,
+                    "bbox": box,
+                    "area": box[2] * box[3],
+                    "iscrowd": 0,
+                }
+            )
+    categories = [{"id": i + 1, "name": f"class{i}"} for i in range(3)]
+    json_file = folder / "tiny.json"
+    json_file.write_text(
+        json.dumps({"images": images, "annotations": annotations, "categories": categories})
+    )
+    entry = f"(('export_tiny', '{json_file}', '{folder}'),)"
+    return "export_tiny", ["DATASETS.COCO_JSON", entry, "DATALOADER.NUM_WORKERS", "0"], folder
+
+
+def best_of_each_class(detections, count: int) -> list:
+    boxes, scores, classes = detections
+    best = []
+    for label in range(count):
+        mine = classes == label
+        assert mine.any(), f"no detection of class {label}"
+        best.append(boxes[mine][scores[mine].argmax()])
+    return best
+
+
+@pytest.mark.slow
+def test_int8_file_keeps_the_detections_in_place(
+    trained, image_file, tiny_dataset, tmp_path, capsys
+):
+    """--quantize int8 on a model trained on three boxes: the int8 file finds the same boxes as
+    the model, at its own verify criterion, and the COCO evaluation of the float32 file is the
+    model's."""
+    from detectron2.data import build_detection_test_loader
+    from detectron2.evaluation import inference_on_dataset
+    from detectron2.structures import Boxes, pairwise_iou
+
+    from fcos_d2.evaluation import FasterCOCOEvaluator
+    from fcos_d2.export.evaluate import evaluate_exported
+
+    cfg, model, config_file, weights = trained("GN")
+    name, dataset_opts, _ = tiny_dataset
+    argv = ["--config-file", config_file, "--format", "onnx", "--output", tmp_path]
+    argv += ["--quantize", "int8", "--calibrate-dataset", name, "--calibrate-images", 4]
+    argv += ["--verify", image_file[0], "--evaluate-dataset", name]
+    rc, output = run_cli([*argv, "MODEL.WEIGHTS", weights, *dataset_opts], capsys)
+    assert rc == 0, output
+    assert "calibrated on 4 images of export_tiny" in output
+    summaries = [line for line in output.splitlines() if line.startswith("verify: ")]
+    assert len(summaries) == 2 and all("PASS" in line for line in summaries), output
+    assert "scoring >= 0.3" in summaries[1]  # the int8 criterion
+    int8 = load_exported(exported_file(tmp_path, "onnx", int8=True))
+    with torch.no_grad():
+        reference = ExportableFCOS(model)(image_file[1]["image"])
+    mine = int8(image_file[1]["image"])
+    result = compare(reference, mine, INT8)
+    assert result.matched == result.total >= 3
+    # The best int8 detection of each class is on its box, where the model's best one is.
+    gt = Boxes(torch.tensor(GT_BOXES, dtype=torch.float32))
+    for label, (ours, theirs) in enumerate(
+        zip(best_of_each_class(mine, 3), best_of_each_class(reference, 3))
+    ):
+        assert pairwise_iou(gt[label], Boxes(ours[None]))[0, 0] >= 0.7
+        assert pairwise_iou(Boxes(theirs[None]), Boxes(ours[None]))[0, 0] >= 0.9
+    # Both files evaluated; the float32 file scores what the model scores on the same loader.
+    lines = [line for line in output.splitlines() if " on export_tiny: AP " in line]
+    assert [Path(line.split()[0]).name for line in lines] == ["model.onnx", "model_int8.onnx"]
+    cfg = cfg.clone()
+    cfg.merge_from_list(dataset_opts)
+    exported, _ = evaluate_exported(exported_file(tmp_path, "onnx"), cfg, name)
+    pytorch = inference_on_dataset(
+        model, build_detection_test_loader(cfg, name), FasterCOCOEvaluator(name)
+    )
+    assert exported["bbox"]["AP"] == pytest.approx(pytorch["bbox"]["AP"], abs=0.01)
+    assert pytorch["bbox"]["AP50"] > 50

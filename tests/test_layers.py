@@ -5,7 +5,7 @@ unit beside it or above it:
 
 0. foundation: checks, utils, d2_compat, precision
 1. config | formats
-2. modeling | data
+2. modeling | data | evaluation
 3. checkpoint
 4. inference | export (the library) | analysis (the library)
 5. engine | cli
@@ -25,7 +25,7 @@ from helpers import REPO
 LAYERS: list[list[str]] = [
     ["fcos_d2.checks|fcos_d2.utils|fcos_d2.d2_compat|fcos_d2.precision"],
     ["fcos_d2.config", "fcos_d2.formats"],
-    ["fcos_d2.modeling", "fcos_d2.data"],
+    ["fcos_d2.modeling", "fcos_d2.data", "fcos_d2.evaluation"],
     ["fcos_d2.checkpoint"],
     ["fcos_d2.inference", "fcos_d2.export", "fcos_d2.analysis"],
     ["fcos_d2.engine", "fcos_d2.cli"],

@@ -1,5 +1,6 @@
 """Post-processing: ideal head outputs decode back to exactly the ground truth."""
 
+import pytest
 import torch
 from detectron2.structures import Boxes, Instances
 
@@ -80,3 +81,51 @@ def test_threshold_topk_and_score_modes():
     # post-NMS top-k keeps the best ones only.
     top2 = FCOSPostProcessor(strides=STRIDES, post_nms_topk=2)
     assert len(top2(locations, cls, reg, quality, [IMAGE_SIZE])[0]) == 2
+
+
+def random_dense(num_images: int, seed: int = 0):
+    """Per-level random class probabilities, regressions (0-6 strides) and qualities of
+    ``num_images`` images padded to IMAGE_SIZE."""
+    generator = torch.Generator().manual_seed(seed)
+    sizes = [(-(-IMAGE_SIZE[0] // s), -(-IMAGE_SIZE[1] // s)) for s in STRIDES]
+    locations = compute_locations(sizes, STRIDES, torch.device("cpu"))
+    cls, reg, quality = [], [], []
+    for loc in locations:
+        cls.append(torch.rand(num_images, len(loc), NUM_CLASSES, generator=generator) ** 3)
+        reg.append(6 * torch.rand(num_images, len(loc), 4, generator=generator))
+        quality.append(torch.rand(num_images, len(loc), generator=generator))
+    return locations, cls, reg, quality
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},  # the improved defaults: threshold 0.05, 1000 per level, per-class NMS, top 100
+        {"score_sqrt": False, "thresh_with_quality": True, "score_threshold": 0.2},
+        {"pre_nms_topk": 7, "post_nms_topk": 5, "nms_threshold": 0.3},
+        # The proposal generator's selection: no threshold, class-agnostic, minimum box size.
+        {"score_threshold": 0.0, "class_agnostic_nms": True, "min_box_size": 6.0},
+    ],
+    ids=["default", "paper", "few", "proposals"],
+)
+def test_batched_selection_equals_the_per_image_one(settings):
+    """FCOSPostProcessor.batched (all images at once, for the batched export) selects exactly
+    what __call__ selects per image, followed by Detectron2's removal of empty boxes."""
+    image_sizes = [(192, 256), (150, 201), (97, 256)]  # smaller ones: clipped and empty boxes
+    inputs = random_dense(len(image_sizes))
+    if settings.get("class_agnostic_nms"):
+        inputs = (*inputs[:1], [x[..., :1] for x in inputs[1]], *inputs[2:])
+    postprocess = FCOSPostProcessor(strides=STRIDES, normalized_reg=True, **settings)
+    per_image = postprocess(*inputs, image_sizes)
+    batched = postprocess.batched(*inputs, torch.tensor(image_sizes))
+    assert batched.batch_index.tolist() == sorted(batched.batch_index.tolist())  # grouped
+    emptied = 0
+    for index, instances in enumerate(per_image):
+        nonempty = instances.pred_boxes.nonempty()
+        emptied += int((~nonempty).sum())
+        mine = batched.batch_index == index
+        assert torch.equal(batched.boxes[mine], instances.pred_boxes.tensor[nonempty])
+        assert torch.equal(batched.scores[mine], instances.scores[nonempty])
+        assert torch.equal(batched.classes[mine], instances.pred_classes[nonempty])
+        assert 0 < int(mine.sum()) <= postprocess.post_nms_topk
+    assert emptied > 0 or settings.get("min_box_size")  # the removal was exercised

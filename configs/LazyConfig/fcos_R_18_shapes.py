@@ -13,6 +13,7 @@ from fvcore.common.param_scheduler import MultiStepParamScheduler
 
 from fcos_d2.data.augmentation import ResizeShortestEdgePerBatch
 from fcos_d2.data.builtin import register_shapes
+from fcos_d2.evaluation import FasterCOCOEvaluator
 
 from .common.fcos import model
 from .common.runtime import best_checkpoint as _best_checkpoint
@@ -64,7 +65,10 @@ dataloader.test.mapper.augmentations = [
     L(T.ResizeShortestEdge)(short_edge_length=256, max_size=256),
 ]
 dataloader.test.num_workers = 0
-dataloader.evaluator.output_dir = "${...train.output_dir}/inference"
+# Detectron2's COCOEvaluator, with faster-coco-eval where Detectron2 has no compiled COCOeval_opt.
+dataloader.evaluator = L(FasterCOCOEvaluator)(
+    dataset_name="${..test.dataset.names}", output_dir="${...train.output_dir}/inference"
+)
 
 optimizer = get_config("common/optim.py").AdamW
 optimizer.lr = 0.001

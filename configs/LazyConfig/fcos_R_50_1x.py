@@ -8,6 +8,7 @@ keeps the authors' single-scale 800 px recipe.
 from detectron2.config import LazyCall as L
 from detectron2.model_zoo import get_config
 
+from fcos_d2.evaluation import FasterCOCOEvaluator
 from fcos_d2.modeling.fcos import channels_last_for
 
 from .common.fcos import model
@@ -22,7 +23,10 @@ model.channels_last = L(channels_last_for)(setting=None, device="${...train.devi
 dataloader = get_config("common/data/coco.py").dataloader
 dataloader.train.mapper.use_instance_mask = False
 dataloader.train.mapper.augmentations[0].short_edge_length = (800,)  # INPUT.MIN_SIZE_TRAIN
-dataloader.evaluator.output_dir = "${...train.output_dir}/inference"
+# Detectron2's COCOEvaluator, with faster-coco-eval where Detectron2 has no compiled COCOeval_opt.
+dataloader.evaluator = L(FasterCOCOEvaluator)(
+    dataset_name="${..test.dataset.names}", output_dir="${...train.output_dir}/inference"
+)
 
 optimizer = get_config("common/optim.py").SGD
 optimizer.lr = 0.01

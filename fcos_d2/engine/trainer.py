@@ -1,6 +1,7 @@
 """Training and evaluation from yacs configs (``train_net.py``): Detectron2's ``DefaultTrainer`` +
-``COCOEvaluator``, with the runtime of :mod:`fcos_d2.engine.runtime` (CPU fallback and Gloo DDP,
-precision, moving average, class check, oracle and TTA evaluation) and AdamW."""
+``COCOEvaluator`` (with faster-coco-eval where Detectron2 has no compiled one), with the runtime
+of :mod:`fcos_d2.engine.runtime` (CPU fallback and Gloo DDP, precision, moving average, class
+check, oracle and TTA evaluation) and AdamW."""
 
 import logging
 import os
@@ -11,7 +12,7 @@ import torch
 from detectron2.config import CfgNode
 from detectron2.data import build_detection_test_loader
 from detectron2.engine import DefaultTrainer, default_setup, hooks
-from detectron2.evaluation import COCOEvaluator, verify_results
+from detectron2.evaluation import verify_results
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.utils import comm
 
@@ -28,6 +29,7 @@ from ..data.augmentation import build_train_mapper
 from ..data.builtin import register_datasets_from_config
 from ..data.resumable import build_train_loader_from_cfg
 from ..data.user_datasets import check_training_data
+from ..evaluation import FasterCOCOEvaluator
 from ..inference.oracle import build_annotated_test_loader
 from ..inference.tta import build_tta_model
 from ..inference.validation import validation_losses
@@ -145,7 +147,7 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: Optional[str] = None):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        return COCOEvaluator(dataset_name, output_dir=output_folder)
+        return FasterCOCOEvaluator(dataset_name, output_dir=output_folder)
 
     @classmethod
     def test(cls, cfg: CfgNode, model: torch.nn.Module, evaluators=None) -> "OrderedDict[str, Any]":

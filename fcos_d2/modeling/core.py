@@ -20,7 +20,7 @@ from ..checks import check_choice, check_that
 from .box_ops import centerness_from_ltrb, feature_locations
 from .head import FCOSHeadOutputs
 from .losses import FCOSLoss
-from .postprocess import FCOSPostProcessor
+from .postprocess import BatchedDetections, FCOSPostProcessor
 from .targets import FCOSTargetAssigner, FCOSTargets
 
 # What multiplies the class score at inference (Table 4, arXiv Sec. 4.1.2). "oracle" (ground-truth
@@ -201,13 +201,35 @@ class FCOSCore:
                 mode name, or per-level (N, HW_i) maps in [0, 1] (e.g. the oracle's).
             postprocessor: None for ``self.postprocessor``.
         """
+        postprocessor = postprocessor or self.postprocessor
+        return postprocessor(*self._decoding_inputs(features, predictions, quality), image_sizes)
+
+    def inference_batched(
+        self,
+        features: Sequence[Tensor],
+        predictions: FCOSHeadOutputs,
+        image_sizes: Tensor,
+        quality: Union[None, str, list[Tensor]] = None,
+        postprocessor: Optional[FCOSPostProcessor] = None,
+    ) -> BatchedDetections:
+        """:meth:`inference` as flat tensors with each detection's image index, without a loop
+        over images (:meth:`FCOSPostProcessor.batched`); ``image_sizes``: (N, 2) int64 (height,
+        width) of each image before padding."""
+        postprocessor = postprocessor or self.postprocessor
+        inputs = self._decoding_inputs(features, predictions, quality)
+        return postprocessor.batched(*inputs, image_sizes)
+
+    def _decoding_inputs(
+        self,
+        features: Sequence[Tensor],
+        predictions: FCOSHeadOutputs,
+        quality: Union[None, str, list[Tensor]],
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+        """Locations, class probabilities, box regressions and quality maps, per level."""
         dense = dense_probabilities(predictions, self.num_classes)
         if quality is None or isinstance(quality, str):
             quality = self.quality_maps(dense, quality or self.inference_quality)
-        postprocessor = postprocessor or self.postprocessor
-        return postprocessor(
-            self.locations(features), dense.cls_probs, dense.box_reg, quality, image_sizes
-        )
+        return self.locations(features), dense.cls_probs, dense.box_reg, quality
 
     @staticmethod
     def quality_maps(dense: DenseProbabilities, mode: str) -> list[Tensor]:

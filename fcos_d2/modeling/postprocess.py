@@ -12,7 +12,7 @@ of the example input.
 import copy
 import functools
 from collections.abc import Sequence
-from typing import Union
+from typing import NamedTuple, Union
 
 import torch
 from detectron2.config import configurable
@@ -31,6 +31,17 @@ def thresholds_tensor(values: tuple[float, ...]) -> Tensor:
     """Per-class thresholds as a (read-only) tensor, made once per setting and outside any trace
     (the post-processor makes it when built): a trace records it as a constant of the graph."""
     return torch.tensor(values, dtype=torch.float32)
+
+
+class BatchedDetections(NamedTuple):
+    """The detections of a batch of images in flat tensors, grouped by image (in batch order),
+    each image's by descending score: boxes (K, 4), scores (K,), classes (K,), and the index of
+    each detection's image in the batch (K,)."""
+
+    boxes: Tensor
+    scores: Tensor
+    classes: Tensor
+    batch_index: Tensor
 
 
 def clamped_count(count: Union[int, Tensor], limit: int) -> Union[int, Tensor]:
@@ -216,6 +227,95 @@ class FCOSPostProcessor:
         scores = torch.sqrt(ranking) if self.score_sqrt else ranking
         return boxes, scores, class_idx
 
+    def batched(
+        self,
+        locations: list[Tensor],
+        cls_probs: list[Tensor],
+        box_reg: list[Tensor],
+        quality: list[Tensor],
+        image_sizes: Tensor,
+    ) -> BatchedDetections:
+        """What :meth:`__call__` selects, for all images at once, followed by Detectron2's
+        ``detector_postprocess`` at the input size (which drops empty boxes).
+
+        No loop over images: the batch size stays dynamic in a traced graph (the batched export).
+        Per level, each image's top-k comes from one ``topk`` over its (location, class) pairs in
+        which those below the threshold rank last; NMS runs once with one group per (image,
+        class); a rank within each image makes the per-image top-N cut. The selection equals
+        :meth:`__call__`'s up to the order of exactly equal scores.
+
+        Args:
+            image_sizes: (N, 2) int64 (height, width) of each image before padding.
+        """
+        num_classes = cls_probs[0].shape[2]
+        per_level = [
+            self._decode_level_batched(
+                locations[level],
+                cls_probs[level],
+                box_reg[level],
+                quality[level],
+                stride if self.normalized_reg else 1,
+            )
+            for level, stride in enumerate(self.strides[: len(locations)])
+        ]
+        boxes, scores, classes, batch_index = (torch.cat(parts) for parts in zip(*per_level))
+        sizes = image_sizes.to(boxes.dtype)[batch_index]  # (K, 2): height, width
+        zero = torch.zeros_like(boxes[:, 0])
+        x0, y0, x1, y1 = boxes.unbind(1)
+        boxes = torch.stack(  # Boxes.clip, with each detection's own image size
+            [
+                torch.minimum(torch.maximum(x0, zero), sizes[:, 1]),
+                torch.minimum(torch.maximum(y0, zero), sizes[:, 0]),
+                torch.minimum(torch.maximum(x1, zero), sizes[:, 1]),
+                torch.minimum(torch.maximum(y1, zero), sizes[:, 0]),
+            ],
+            dim=1,
+        )
+        if self.min_box_size > 0:
+            keep = _nonempty(boxes, self.min_box_size)
+            boxes, scores, classes = boxes[keep], scores[keep], classes[keep]
+            batch_index = batch_index[keep]
+        groups = batch_index * (1 if self.class_agnostic_nms else num_classes)
+        if not self.class_agnostic_nms:
+            groups = groups + classes
+        keep = batched_nms(boxes, scores, groups, self.nms_threshold)  # by descending score
+        boxes, scores, classes = boxes[keep], scores[keep], classes[keep]
+        batch_index = batch_index[keep]
+        if self.class_thresholds:  # as in _select: before the top-N cut
+            thresholds = thresholds_tensor(tuple(self.class_thresholds)).to(scores.device)
+            keep = scores >= thresholds[classes]
+            boxes, scores, classes = boxes[keep], scores[keep], classes[keep]
+            batch_index = batch_index[keep]
+        # NMS keeps them by descending score: the first post_nms_topk of each image stay.
+        rank, _ = _ranks_in_image(batch_index, image_sizes.shape[0])
+        keep = (rank < self.post_nms_topk) & _nonempty(boxes, 0.0)
+        boxes, scores, classes = boxes[keep], scores[keep], classes[keep]
+        batch_index = batch_index[keep]
+        # Grouped by image: each detection goes after the earlier images' ones, at its rank.
+        rank, before = _ranks_in_image(batch_index, image_sizes.shape[0])
+        place = rank + before[batch_index]
+        order = torch.zeros_like(place).scatter(0, place, torch.arange(place.shape[0]).to(place))
+        return BatchedDetections(boxes[order], scores[order], classes[order], batch_index[order])
+
+    def _decode_level_batched(
+        self, locations: Tensor, cls_probs: Tensor, ltrb: Tensor, quality: Tensor, stride: int
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        num_classes = cls_probs.shape[2]
+        ranking = cls_probs * quality[:, :, None]
+        passing = (ranking if self.thresh_with_quality else cls_probs) > self.score_threshold
+        # Rankings are >= 0: -1 puts the pairs below the threshold after every passing one.
+        ranking = torch.where(passing, ranking, torch.full_like(ranking, -1.0)).flatten(1)
+        ranking, top = ranking.topk(clamped_count(ranking.shape[1], self.pre_nms_topk), dim=1)
+        # Flat indices (one Gather each in ONNX, where two index tensors need a compound op).
+        passing = (ranking >= 0).flatten().nonzero().squeeze(1)
+        batch_index = passing // ranking.shape[1]
+        ranking, top = ranking.flatten()[passing], top.flatten()[passing]
+        location_idx, class_idx = top // num_classes, top % num_classes
+        ltrb = ltrb.flatten(0, 1)[batch_index * ltrb.shape[1] + location_idx]
+        boxes = decode_ltrb(locations[location_idx], ltrb, stride)
+        scores = torch.sqrt(ranking) if self.score_sqrt else ranking
+        return boxes, scores, class_idx, batch_index
+
     def _select(self, boxes: Tensor, scores: Tensor, classes: Tensor, image_size) -> Instances:
         boxes = Boxes(boxes)
         boxes.clip(image_size)
@@ -245,6 +345,21 @@ def configured_class_thresholds(cfg) -> tuple[float, ...]:
             "none to keep every detection above MODEL.FCOS.INFERENCE_TH_TEST"
         )
     return thresholds
+
+
+def _ranks_in_image(batch_index: Tensor, num_images: Union[int, Tensor]) -> tuple[Tensor, Tensor]:
+    """Each detection's rank among the earlier ones of its image (K,), and the number of
+    detections of the images before each image (N,); no loop, so that N stays dynamic."""
+    images = torch.arange(num_images, device=batch_index.device)
+    member = (batch_index[:, None] == images[None, :]).long()  # (K, N)
+    rank = ((member.cumsum(0) - 1) * member).sum(1)
+    counts = member.sum(0)
+    return rank, counts.cumsum(0) - counts
+
+
+def _nonempty(boxes: Tensor, threshold: float) -> Tensor:
+    """``Boxes.nonempty``: width and height above ``threshold``."""
+    return ((boxes[:, 2] - boxes[:, 0]) > threshold) & ((boxes[:, 3] - boxes[:, 1]) > threshold)
 
 
 def detections_per_image(cfg) -> int:
