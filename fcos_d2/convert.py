@@ -1,20 +1,28 @@
-"""Convert the authors' FCOS checkpoints to fcos_d2's layout (a Detectron2 checkpoint).
+"""Convert FCOS checkpoints of other releases to fcos_d2's layout (a Detectron2 checkpoint).
 
     python -m fcos_d2.convert --from fcos FCOS_imprv_R_50_FPN_1x.pth fcos_imprv_r50_d2.pth
     python -m fcos_d2.convert --from adelaidet FCOS_R_50_1x.pth fcos_r50_d2.pth
+    python -m fcos_d2.convert --from torchvision fcos_resnet50_fpn_coco-99b0c9b7.pth tv_d2.pth
+    python -m fcos_d2.convert --from mmdet fcos_r50_caffe_fpn_gn-head_1x_coco-821213aa.pth mm_d2.pth
 
 ``--from fcos``: the original release (tianzhi0549/FCOS, maskrcnn-benchmark names, ``module.``
 prefix); its FrozenBatchNorm statistics are rewritten for Detectron2's eps (see
 :func:`fcos_d2.formats.fcos_release.frozen_bn_var_for_detectron2`). ``--from adelaidet``:
 AdelaiDet files also load directly through ``MODEL.WEIGHTS``; converting gives our names.
+``--from torchvision``: torchvision's ``fcos_resnet50_fpn`` (its 91 COCO-id outputs become
+Detectron2's 80 classes). ``--from mmdet``: mmdetection 2.x / 3.x FCOS models. The key tables
+are in :mod:`fcos_d2.formats`; configs that reproduce each release's model are in
+``configs/FCOS-Detection/{original,torchvision,mmdet}/``.
 
 The output is ``{"model": state_dict, "__author__": ..., "matching_heuristics": False}``: a
 ``.pth`` (torch.save) or, if OUT ends in ``.pkl``, Detectron2's model-zoo pickle of numpy arrays.
-Training state (optimizer, scheduler, iteration) is dropped.
+Training state (optimizer, scheduler, iteration, mmdetection's ``meta`` and ``message_hub``) is
+dropped.
 
 Exit status: 0 when every key was mapped and OUT was written; 1 when some key has no fcos_d2
 name: they are all listed and nothing is written, unless ``--allow-unmapped`` (then OUT holds the
-mapped keys and the status is 0); 2 for unusable input (missing, truncated, not a checkpoint).
+mapped keys and the status is 0); 2 for unusable input (missing, truncated, not a checkpoint, a
+file of another layout than ``--from`` says, or without parts every FCOS has).
 """
 
 import argparse
@@ -22,31 +30,17 @@ import os
 import pickle
 import sys
 from collections.abc import Sequence
-from typing import Any, Callable, Optional
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 import torch
 
 from .checks import ConfigError
 from .cli import run_command
-from .formats import (
-    REFUSED_GLOBAL,
-    adelaidet_key_to_ours,
-    fcos_key_to_ours,
-    frozen_bn_var_for_detectron2,
-    is_frozen_bn_running_var,
-    strip_ddp_prefix,
-    unmapped_reason,
-)
+from .formats import LAYOUTS, REFUSED_GLOBAL, Layout, is_ours, layouts_found, unmapped_reason
 
-SOURCES: dict[str, Callable[[str], Optional[str]]] = {
-    "fcos": fcos_key_to_ours,
-    "adelaidet": adelaidet_key_to_ours,
-}
-_AUTHOR = {
-    "fcos": "tianzhi0549/FCOS (maskrcnn-benchmark), converted by fcos_d2.convert",
-    "adelaidet": "aim-uofa/AdelaiDet, converted by fcos_d2.convert",
-}
+# ``--from NAME`` -> the release's key table and tensor rewrites.
+SOURCES: dict[str, Layout] = LAYOUTS
 
 
 class CheckpointError(ConfigError):
@@ -83,39 +77,100 @@ def _load_torch(path: str, unsafe: bool) -> Any:
     return torch.load(path, map_location="cpu", weights_only=not unsafe)
 
 
-def read_checkpoint(path: str, unsafe: bool = False) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """The state dict of a checkpoint file and the names of the other top-level entries.
+def _placeholder(full_name: str) -> type:
+    """A class named ``full_name`` that builds empty objects: it stands in for a class that
+    weights-only loading refuses, so nothing of the file's own code or classes runs."""
+    module, _, name = full_name.rpartition(".")
+
+    def ignore(self, *args, **kwargs) -> None:
+        pass
+
+    return type(
+        name,
+        (),
+        {"__module__": module, "__qualname__": name, "__init__": ignore, "__setstate__": ignore},
+    )
+
+
+def _load_torch_with_placeholders(path: str) -> tuple[Any, list[str]]:
+    """Weights-only loading where every class it refuses is replaced by an empty placeholder
+    (mmdetection 3.x checkpoints keep mmengine objects in ``message_hub``): what the file holds
+    besides its weights is not read. Also returns the names of the replaced classes."""
+    names = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    with torch.serialization.safe_globals([_placeholder(n) for n in names]):
+        return torch.load(path, map_location="cpu", weights_only=True), names
+
+
+class Checkpoint(NamedTuple):
+    """A checkpoint file's weights, the names of its other top-level entries, and the classes
+    weights-only loading replaced by placeholders outside the weights."""
+
+    state: dict[str, torch.Tensor]
+    extras: list[str]
+    placeholders: list[str]
+
+
+def read_checkpoint(path: str, unsafe: bool = False) -> Checkpoint:
+    """The state dict of a checkpoint file and what else it holds.
 
     Loads with ``torch.load(weights_only=True)`` (``.pkl``: an unpickler that allows only numpy
-    arrays); ``unsafe=True`` unpickles fully, which can run code from the file.
+    arrays); objects of other classes outside the weights (training state, configs) are replaced
+    by placeholders and dropped; weights that need them are refused. ``unsafe=True`` unpickles
+    fully, which can run code from the file.
     """
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such file")
     if os.path.isdir(path):
         raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
     loader = _load_pickle if path.endswith(".pkl") else _load_torch
+    placeholders: list[str] = []
     try:
         loaded = loader(path, unsafe)
     except Exception as e:  # torch.load / pickle raise many types for bad files
         message = str(e)
         refused = REFUSED_GLOBAL.search(message)
         if refused and not unsafe:
+            loaded, placeholders = _read_around_refused(path, loader, refused[1] or refused[2], e)
+        else:
+            reason = f"{type(e).__name__}: {message.strip().splitlines()[0] if message else ''}"
             raise CheckpointError(
-                f"{path}: cannot be read without full unpickling (it refers to "
-                f"{refused[1] or refused[2]}, which weights_only loading does not allow). "
-                "Unpickling can run code stored in the file: only if you trust it, rerun with "
-                "--unsafe-load"
+                f"{path}: not a readable checkpoint (truncated, or not a PyTorch / Detectron2 "
+                f"checkpoint file?): {reason}"
             ) from e
-        reason = f"{type(e).__name__}: {message.strip().splitlines()[0] if message else ''}"
-        raise CheckpointError(
-            f"{path}: not a readable checkpoint (truncated, or not a PyTorch / Detectron2 "
-            f"checkpoint file?): {reason}"
-        ) from e
-    return _state_dict_of(loaded, path)
+    state, extras = _state_dict_of(loaded, path, placeholders)
+    return Checkpoint(state, extras, placeholders)
 
 
-def _state_dict_of(loaded: Any, path: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+def _read_around_refused(path: str, loader, refused: str, error: Exception):
+    def refuse() -> CheckpointError:
+        return CheckpointError(
+            f"{path}: cannot be read without full unpickling (it refers to {refused}, which "
+            "weights_only loading does not allow). Unpickling can run code stored in the file: "
+            "only if you trust it, rerun with --unsafe-load"
+        )
+
+    if loader is not _load_torch:
+        raise refuse() from error
+    try:
+        return _load_torch_with_placeholders(path)
+    except Exception:  # still refused: placeholders cannot stand in for what it needs
+        raise refuse() from error
+
+
+def _state_dict_of(
+    loaded: Any, path: str, placeholders: Sequence[str] = ()
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    def needs(what: str) -> CheckpointError:
+        # What weights-only loading replaced is in the weights: they need full unpickling.
+        return CheckpointError(
+            f"{path}: {what} is an object of a class that weights_only loading does not allow "
+            f"({', '.join(placeholders)}): only if you trust the file (unpickling can run code "
+            "stored in it), rerun with --unsafe-load"
+        )
+
     if not isinstance(loaded, dict):
+        if placeholders:
+            raise needs("the whole file")
         raise CheckpointError(
             f"{path}: expected a dict of tensors (or one under 'model'), "
             f"got {type(loaded).__name__}"
@@ -127,17 +182,23 @@ def _state_dict_of(loaded: Any, path: str) -> tuple[dict[str, torch.Tensor], lis
         )
     extras: list[str] = []
     state = loaded
-    if isinstance(loaded.get("model"), dict):
-        state = loaded["model"]
-        extras = sorted(str(k) for k in loaded if k != "model")
+    # Detectron2 keeps the weights under "model", mmcv / mmengine (mmdetection) under
+    # "state_dict"; torchvision's files are the state dict itself.
+    for container in ("model", "state_dict"):
+        if isinstance(loaded.get(container), dict):
+            state = loaded[container]
+            extras = sorted(str(k) for k in loaded if k != container)
+            break
     tensors: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         if isinstance(value, np.ndarray):
             value = torch.from_numpy(np.array(value))  # a contiguous copy; keeps 0-d arrays 0-d
+        if placeholders and type(value).__name__ in {n.rpartition(".")[2] for n in placeholders}:
+            raise needs(f"entry {key!r}")
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
             raise CheckpointError(
                 f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor: expected a "
-                "state dict (optionally under 'model')"
+                "state dict (optionally under 'model' or 'state_dict')"
             )
         tensors[key] = value
     if not tensors:
@@ -145,29 +206,81 @@ def _state_dict_of(loaded: Any, path: str) -> tuple[dict[str, torch.Tensor], lis
     return tensors, extras
 
 
-def convert_state_dict(
-    state: dict[str, torch.Tensor], source: str
-) -> tuple[dict[str, torch.Tensor], list[tuple[str, str]], int]:
-    """(our state dict, [(unmapped key, reason)], number of FrozenBN variances adjusted)."""
-    to_ours = SOURCES[source]
+class Conversion(NamedTuple):
+    """Our state dict, [(unmapped key, reason)], [(key dropped on purpose, reason)], the number
+    of tensors the layout's rewrite changed, and the keys added as implicit zeros."""
+
+    state: dict[str, torch.Tensor]
+    unmapped: list[tuple[str, str]]
+    dropped: list[tuple[str, str]]
+    rewritten: int
+    implicit: list[str]
+
+
+def convert_state_dict(state: dict[str, torch.Tensor], source: str) -> Conversion:
+    """``state`` (in the layout of ``--from source``) in fcos_d2's names and conventions."""
+    layout = SOURCES[source]
     converted: dict[str, torch.Tensor] = {}
     origin: dict[str, str] = {}
     unmapped: list[tuple[str, str]] = []
-    adjusted = 0
+    dropped: list[tuple[str, str]] = []
+    rewritten = 0
     for key, value in state.items():
-        ours = to_ours(key)
+        reason = layout.dropped(key)
+        if reason is not None:
+            dropped.append((key, reason))
+            continue
+        ours = layout.key_to_ours(key)
         if ours is None:
-            unmapped.append((key, unmapped_reason(key)))
+            unmapped.append((key, layout.why_unmapped(key) or unmapped_reason(key)))
             continue
         if ours in converted:
             unmapped.append((key, f"maps to {ours}, as {origin[ours]} already does"))
             continue
-        if source == "fcos" and is_frozen_bn_running_var(strip_ddp_prefix(key)):
-            value = frozen_bn_var_for_detectron2(value)
-            adjusted += 1
-        converted[ours] = value
+        new_value = layout.rewrite(key, value)
+        rewritten += new_value is not value
+        converted[ours] = new_value
         origin[ours] = key
-    return converted, unmapped, adjusted
+    implicit = layout.implicit(converted)
+    converted.update(implicit)
+    return Conversion(converted, unmapped, dropped, rewritten, sorted(implicit))
+
+
+def check_layout(state: dict[str, torch.Tensor], source: str, path: str) -> None:
+    """A file of another layout than ``--from source`` is named, with the ``--from`` that fits."""
+    layout = SOURCES[source]
+    found = layouts_found(state, SOURCES.values())
+    if layout in found:
+        return
+    if found:
+        other = found[0]
+        raise CheckpointError(
+            f"{path}: has {other.title} layout (keys {_examples(state, other)}), not that of "
+            f"--from {source}: convert it with --from {other.name}"
+        )
+    if is_ours(state):
+        raise CheckpointError(
+            f"{path}: is already in fcos_d2's layout (keys head.cls_logits.*, head.cls_tower.*): "
+            "there is nothing to convert, set MODEL.WEIGHTS to it"
+        )
+
+
+def _examples(state: dict[str, torch.Tensor], layout: Layout) -> str:
+    keys = [k for k in state if layout.matches(k)]
+    return ", ".join(keys[:2]) + (", ..." if len(keys) > 2 else "")
+
+
+def check_complete(conversion: Conversion, source: str, path: str) -> None:
+    """Every part an FCOS detector has must have come from the file."""
+    missing = [k for k in SOURCES[source].required if k not in conversion.state]
+    if not missing:
+        return
+    found = [key for key, _ in conversion.unmapped[:3]]
+    instead = f"; unmapped keys found: {', '.join(found)}" if found else ""
+    raise CheckpointError(
+        f"{path}: not a whole FCOS detector of --from {source}: nothing maps to "
+        f"{', '.join(missing)} (a truncated or partial file, or another architecture?){instead}"
+    )
 
 
 def write_checkpoint(state: dict[str, torch.Tensor], path: str, author: str) -> None:
@@ -185,7 +298,7 @@ def write_checkpoint(state: dict[str, torch.Tensor], path: str, author: str) -> 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m fcos_d2.convert",
-        description="Convert an FCOS checkpoint of the authors' releases to fcos_d2's layout.",
+        description="Convert an FCOS checkpoint of another release to fcos_d2's layout.",
         epilog="Exit status: 0 written; 1 unmapped keys (listed; nothing written unless "
         "--allow-unmapped); 2 unusable input.",
     )
@@ -194,7 +307,8 @@ def _parser() -> argparse.ArgumentParser:
         dest="source",
         required=True,
         choices=sorted(SOURCES),
-        help="fcos: tianzhi0549/FCOS (maskrcnn-benchmark); adelaidet: aim-uofa/AdelaiDet",
+        help="fcos: tianzhi0549/FCOS (maskrcnn-benchmark); adelaidet: aim-uofa/AdelaiDet; "
+        "torchvision: torchvision's fcos_resnet50_fpn; mmdet: mmdetection 2.x / 3.x FCOS",
     )
     parser.add_argument("input", metavar="IN", help="checkpoint to convert (.pth or .pkl)")
     parser.add_argument("output", metavar="OUT", help="converted checkpoint (.pth, or .pkl)")
@@ -220,29 +334,48 @@ def convert(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     if os.path.abspath(args.input) == os.path.abspath(args.output):
         raise ConfigError(f"OUT must differ from IN ({args.input})")
-    state, extras = read_checkpoint(args.input, unsafe=args.unsafe_load)
-    converted, unmapped, adjusted = convert_state_dict(state, args.source)
-    if extras:
-        print(f"dropped top-level entries (not weights): {', '.join(extras)}")
-    print(f"mapped {len(converted)} of {len(state)} keys from {args.input} (--from {args.source})")
-    if adjusted:
-        print(f"FrozenBN running_var of {adjusted} layers rewritten for Detectron2's eps (1e-5)")
-    if unmapped:
-        print(f"{len(unmapped)} keys have no fcos_d2 name:")
-        for key, reason in unmapped:
+    checkpoint = read_checkpoint(args.input, unsafe=args.unsafe_load)
+    state = checkpoint.state
+    check_layout(state, args.source, args.input)
+    result = convert_state_dict(state, args.source)
+    layout = SOURCES[args.source]
+    if checkpoint.extras:
+        print(f"dropped top-level entries (not weights): {', '.join(checkpoint.extras)}")
+    if checkpoint.placeholders:
+        print(
+            "not read (objects outside the weights that weights_only loading does not allow): "
+            + ", ".join(checkpoint.placeholders)
+        )
+    print(
+        f"mapped {len(result.state) - len(result.implicit)} of {len(state)} keys from "
+        f"{args.input} (--from {args.source})"
+    )
+    if result.dropped:
+        reasons = sorted({reason for _, reason in result.dropped})
+        print(f"left out {len(result.dropped)} keys on purpose: {'; '.join(reasons)}")
+    if result.rewritten:
+        print(layout.rewrite_note.format(result.rewritten))
+    if result.implicit:
+        print(f"added {len(result.implicit)} zero biases the file leaves out (convs without bias)")
+    if not result.state:
+        names = ", ".join(list(state)[:3])
+        raise CheckpointError(
+            f"{args.input}: no key matches the --from {args.source} layout (its keys: {names}"
+            f"{', ...' if len(state) > 3 else ''}); the layouts --from reads: "
+            f"{', '.join(sorted(SOURCES))}"
+        )
+    check_complete(result, args.source, args.input)
+    if result.unmapped:
+        print(f"{len(result.unmapped)} keys have no fcos_d2 name:")
+        for key, reason in result.unmapped:
             print(f"  UNMAPPED {key}  ({reason})")
-    if not converted:
-        other = next(s for s in SOURCES if s != args.source)
-        hint = " (try --from " + other + ")" if any(SOURCES[other](k) for k in state) else ""
-        print(f"error: no key of {args.input} matches the --from {args.source} layout{hint}")
-        return 1
-    if unmapped and not args.allow_unmapped:
+    if result.unmapped and not args.allow_unmapped:
         print(f"nothing written: rerun with --allow-unmapped to write {args.output} without them")
         return 1
     out_dir = os.path.dirname(os.path.abspath(args.output))
     if not os.path.isdir(out_dir):
         raise ConfigError(f"the folder of OUT does not exist ({out_dir})")
-    write_checkpoint(converted, args.output, _AUTHOR[args.source])
+    write_checkpoint(result.state, args.output, layout.author)
     print(f"wrote {args.output}")
     return 0
 

@@ -417,8 +417,12 @@ def test_unmapped_keys_are_listed_and_block_the_output(tmp_path, capsys):
 def test_wrong_source_layout_is_named(tmp_path, capsys):
     state = new_model(small_cfg()).state_dict()
     path_in = save(adelaidet_layout(state), tmp_path / "in.pth")
-    assert convert(["--from", "fcos", path_in, str(tmp_path / "out.pth")]) == 1
-    assert "matches the --from fcos layout (try --from adelaidet)" in capsys.readouterr().out
+    assert convert(["--from", "fcos", path_in, str(tmp_path / "out.pth")]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {path_in}: has AdelaiDet's (aim-uofa/AdelaiDet) layout (keys " in err
+    assert "proposal_generator.fcos_head." in err
+    assert "not that of --from fcos: convert it with --from adelaidet" in err
+    assert not (tmp_path / "out.pth").exists()
 
 
 def _bad_input(tmp_path, name, content=None):
@@ -447,32 +451,47 @@ def test_bad_inputs_get_errors_naming_the_file(tmp_path, capsys):
 
 
 def test_files_that_need_full_unpickling_are_refused_unless_unsafe(tmp_path, capsys):
+    """Weights that need unpickling other classes are refused; other entries that do (configs,
+    mmengine's training state) are replaced by placeholders, never unpickled, and dropped."""
     import argparse
 
     state = {"backbone.fpn_lateral3.weight": torch.ones(4, 4)}
-    for name, content in (
-        ("cfg.pth", None),
-        (
-            "cfg.pkl",
-            pickle.dumps(
-                {
-                    "model": {k: v.numpy() for k, v in state.items()},
-                    "__author__": "x",
-                    "cfg": argparse.Namespace(),
-                }
-            ),
+    out = str(tmp_path / "out.pth")
+    pkl = _bad_input(
+        tmp_path,
+        "cfg.pkl",
+        pickle.dumps(
+            {
+                "model": {k: v.numpy() for k, v in state.items()},
+                "__author__": "x",
+                "cfg": argparse.Namespace(),
+            }
         ),
-    ):
-        if content is None:
-            path = save({"model": state, "cfg": argparse.Namespace(lr=0.01)}, tmp_path / name)
-        else:
-            path = _bad_input(tmp_path, name, content)
-        out = str(tmp_path / "out.pth")
+    )
+    refused = [
+        # The class is inside the weights.
+        save({"model": {**state, "cfg": argparse.Namespace(lr=0.01)}}, tmp_path / "in.pth"),
+        # The whole file is an object.
+        save(argparse.Namespace(lr=0.01), tmp_path / "object.pth"),
+        # Detectron2's .pkl files are read with numpy arrays allowed, nothing else.
+        pkl,
+    ]
+    for path in refused:
         assert convert(["--from", "adelaidet", path, out]) == 2
         err = capsys.readouterr().err
-        assert f"{path}: cannot be read without full unpickling (it refers to " in err
-        assert "argparse.Namespace" in err and "--unsafe-load" in err
-        assert convert(["--unsafe-load", "--from", "adelaidet", path, out]) == 0
+        assert f"error: {path}: " in err and "argparse.Namespace" in err, err
+        assert "weights_only loading does not allow" in err and "--unsafe-load" in err
+    assert convert(["--unsafe-load", "--from", "adelaidet", pkl, out]) == 0
+
+    outside = save({"model": state, "cfg": argparse.Namespace(lr=0.01)}, tmp_path / "cfg.pth")
+    assert convert(["--from", "adelaidet", outside, out]) == 0
+    printed = capsys.readouterr().out
+    assert "dropped top-level entries (not weights): cfg" in printed
+    assert (
+        "not read (objects outside the weights that weights_only loading does not allow): "
+        "argparse.Namespace"
+    ) in printed
+    assert set(torch.load(out, weights_only=True)["model"]) == set(state)
 
 
 def test_detectron2_model_zoo_pkl_input_is_read_without_full_unpickling(tmp_path):

@@ -158,6 +158,24 @@ def _add_model_keys(cfg: CN) -> None:
     fcos.USE_SCALE = True
     # Filter candidates on cls * quality instead of cls alone.
     fcos.THRESH_WITH_CTR = False
+    # ours: compare INFERENCE_TH_TEST with the final score (sqrt(cls * quality) with SCORE_SQRT)
+    # instead of cls (torchvision's FCOS: 0.2 on sqrt(cls * ctr)); not with THRESH_WITH_CTR.
+    fcos.THRESH_ON_SCORE = False
+    # ours: what ranks each level's candidates for PRE_NMS_TOPK_TEST: "cls_quality" (cls * quality,
+    # the authors'), "cls" (the class score alone, mmdetection's) or "score" (the final score,
+    # torchvision's; the order of "cls_quality" except where the square root rounds two values
+    # to one).
+    fcos.PRE_NMS_RANKING = "cls_quality"
+    # ours: when >= 0, detections whose clipped width or height is not above it are dropped
+    # before NMS (mmdetection's test_cfg.min_bbox_size, 0 in its FCOS configs); negative (default):
+    # none are, and Detectron2 drops empty boxes after NMS and the top TEST.DETECTIONS_PER_IMAGE.
+    fcos.MIN_BOX_SIZE_TEST = -1.0
+    # ours: where each level's locations lie (fcos_d2/modeling/box_ops.py): "half_stride" (the
+    # paper's (floor(s/2) + x s, floor(s/2) + y s); AdelaiDet and mmdetection too) or
+    # "torchvision" (its anchor centers: x * step with no offset, the step being the padded
+    # input size // the level's grid size, less than the stride on P6/P7 of most inputs), for
+    # torchvision's converted weights.
+    fcos.LOCATION_GRID = "half_stride"
     # Focal loss (Sec. 3.1, following RetinaNet).
     fcos.LOSS_ALPHA = 0.25
     fcos.LOSS_GAMMA = 2.0

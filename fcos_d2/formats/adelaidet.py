@@ -13,8 +13,19 @@ from torch import nn
 
 from ..checks import ConfigError
 from ..d2_compat import state_dict_metadata
-from .fcos_release import CONVERT_HINT, MARKERS
-from .rules import CONV_PARAM, Rule, apply_rules, compile_rules, is_unsupported, strip_ddp_prefix
+from .fcos_release import FCOS_LAYOUT
+from .mmdet import MMDET_LAYOUT
+from .rules import (
+    CONV_PARAM,
+    Layout,
+    Rule,
+    apply_rules,
+    compile_rules,
+    is_unsupported,
+    layouts_found,
+    strip_ddp_prefix,
+)
+from .torchvision import TORCHVISION_LAYOUT
 
 ADELAIDET_HEAD = "proposal_generator.fcos_head."
 
@@ -43,6 +54,9 @@ ADELAIDET_RULES: list[Rule] = compile_rules(
     ]
 )
 
+# The layouts MODEL.WEIGHTS cannot load: they are converted once (python -m fcos_d2.convert).
+CONVERTED_LAYOUTS = (FCOS_LAYOUT, TORCHVISION_LAYOUT, MMDET_LAYOUT)
+
 # fvcore's Checkpointer logs the rest of the report (missing / unexpected keys) here: the lines
 # for keys this module renames then read and sit together with Detectron2's own.
 _report = logging.getLogger("fvcore.common.checkpoint")
@@ -54,6 +68,15 @@ def adelaidet_key_to_ours(key: str) -> Optional[str]:
     if is_unsupported(key):
         return None
     return apply_rules(ADELAIDET_RULES, key)
+
+
+ADELAIDET_LAYOUT = Layout(
+    name="adelaidet",
+    title="AdelaiDet's (aim-uofa/AdelaiDet)",
+    author="aim-uofa/AdelaiDet, converted by fcos_d2.convert",
+    key_to_ours=adelaidet_key_to_ours,
+    markers=(ADELAIDET_HEAD,),
+)
 
 
 def load_adelaidet_keys(
@@ -78,12 +101,14 @@ def load_adelaidet_keys(
     """
     foreign = [k for k in state_dict if k.startswith(prefix + ADELAIDET_HEAD)]
     if not foreign:
-        names = [strip_ddp_prefix(k[len(prefix) :]) for k in state_dict if k.startswith(prefix)]
-        if any(name.startswith(MARKERS) for name in names):
+        names = [k[len(prefix) :] for k in state_dict if k.startswith(prefix)]
+        found = layouts_found(names, CONVERTED_LAYOUTS)
+        if found:
+            layout = found[0]
             raise ConfigError(
-                "this checkpoint has the original FCOS (maskrcnn-benchmark) layout "
-                "(backbone.body.*, rpn.head.*), which fcos_d2 does not load directly: convert it "
-                f"first with `{CONVERT_HINT}` and set MODEL.WEIGHTS to OUT"
+                f"this checkpoint has {layout.title} layout ({', '.join(layout.markers)}...), "
+                "which fcos_d2 does not load directly: convert it first with `python -m "
+                f"fcos_d2.convert --from {layout.name} IN OUT` and set MODEL.WEIGHTS to OUT"
             )
         return
     own = module.state_dict(prefix=prefix, keep_vars=True)

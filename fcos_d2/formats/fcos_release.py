@@ -15,6 +15,7 @@ from torch import Tensor
 from .rules import (
     BN_PARAM,
     CONV_PARAM,
+    Layout,
     Rule,
     apply_rules,
     compile_rules,
@@ -22,9 +23,8 @@ from .rules import (
     strip_ddp_prefix,
 )
 
-CONVERT_HINT = "python -m fcos_d2.convert --from fcos IN OUT"
-# Key prefixes that only this layout has.
-MARKERS = ("backbone.body.", "rpn.head.")
+# Key prefixes that only this layout has (torchvision's backbone is also at backbone.body.*).
+MARKERS = ("backbone.body.stem.", "rpn.head.", "backbone.fpn.fpn_inner", "backbone.fpn.fpn_layer")
 
 # Detectron2's FrozenBatchNorm2d default (detectron2/layers/batch_norm.py): it normalizes with
 # (running_var + eps).rsqrt(); maskrcnn-benchmark's FrozenBatchNorm2d with running_var.rsqrt().
@@ -108,3 +108,21 @@ def frozen_bn_var_for_detectron2(
     the last place (6e-8 relative) off.
     """
     return running_var - eps
+
+
+def frozen_bn_for_detectron2(key: str, value: Tensor) -> Tensor:
+    """The release's backbone ``running_var`` rewritten for Detectron2's eps; others unchanged."""
+    if is_frozen_bn_running_var(strip_ddp_prefix(key)):
+        return frozen_bn_var_for_detectron2(value)
+    return value
+
+
+FCOS_LAYOUT = Layout(
+    name="fcos",
+    title="the original FCOS release's (tianzhi0549/FCOS, maskrcnn-benchmark)",
+    author="tianzhi0549/FCOS (maskrcnn-benchmark), converted by fcos_d2.convert",
+    key_to_ours=fcos_key_to_ours,
+    markers=MARKERS,
+    rewrite=frozen_bn_for_detectron2,
+    rewrite_note="FrozenBN running_var of {} layers rewritten for Detectron2's eps (1e-5)",
+)

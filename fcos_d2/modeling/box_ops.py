@@ -9,27 +9,50 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+# Where the locations of a level lie (MODEL.FCOS.LOCATION_GRID).
+LOCATION_GRIDS = ("half_stride", "torchvision")
+
 
 def compute_locations(
-    feature_sizes: Sequence[tuple[int, int]], strides: Sequence[int], device: torch.device
+    feature_sizes: Sequence[tuple[int, int]],
+    strides: Sequence[int],
+    device: torch.device,
+    grid: str = "half_stride",
 ) -> list[Tensor]:
     """Image coordinates of every feature location, per level, as (H_i * W_i, 2) (x, y) tensors.
 
-    Location (x, y) on a level of stride s maps to (floor(s/2) + x s, floor(s/2) + y s) (Sec. 3.1),
-    in row-major order, matching the flattening of an (N, K, H, W) prediction map.
+    In row-major order, matching the flattening of an (N, K, H, W) prediction map. ``grid``:
+
+    - ``"half_stride"``: (floor(s/2) + x s, floor(s/2) + y s) on a level of stride s (Sec. 3.1;
+      AdelaiDet, and mmdetection's point generator with its default offset 0.5).
+    - ``"torchvision"``: the centers of torchvision's FCOS anchors, (x * step_x, y * step_y)
+      with no offset, where a level's step is the padded input's size divided (integer
+      division) by the level's grid size, per axis. That is the stride wherever the grid divides
+      the input exactly (P3-P5 of inputs padded to a multiple of 32) and less on P6/P7 otherwise
+      (800 px: 800 // 13 = 61 on P6). The padded input is the first level's grid times its
+      stride, as inputs are padded to a multiple of it.
     """
+    if grid == "torchvision":
+        image_size = [side * strides[0] for side in feature_sizes[0]]
     locations = []
     for (height, width), stride in zip(feature_sizes, strides):
-        xs = torch.arange(width, dtype=torch.float32, device=device) * stride + stride // 2
-        ys = torch.arange(height, dtype=torch.float32, device=device) * stride + stride // 2
+        if grid == "torchvision":
+            step_y, step_x = image_size[0] // height, image_size[1] // width
+            xs = torch.arange(width, dtype=torch.float32, device=device) * step_x
+            ys = torch.arange(height, dtype=torch.float32, device=device) * step_y
+        else:
+            xs = torch.arange(width, dtype=torch.float32, device=device) * stride + stride // 2
+            ys = torch.arange(height, dtype=torch.float32, device=device) * stride + stride // 2
         grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
         locations.append(torch.stack([grid_x.reshape(-1), grid_y.reshape(-1)], dim=1))
     return locations
 
 
-def feature_locations(features: Sequence[Tensor], strides: Sequence[int]) -> list[Tensor]:
+def feature_locations(
+    features: Sequence[Tensor], strides: Sequence[int], grid: str = "half_stride"
+) -> list[Tensor]:
     """:func:`compute_locations` of (N, C, H, W) feature maps; under tracing H, W stay dynamic."""
-    return compute_locations([f.shape[-2:] for f in features], strides, features[0].device)
+    return compute_locations([f.shape[-2:] for f in features], strides, features[0].device, grid)
 
 
 def ltrb_distances(points: Tensor, boxes: Tensor) -> Tensor:

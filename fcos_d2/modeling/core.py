@@ -17,7 +17,7 @@ from detectron2.structures import Instances
 from torch import Tensor
 
 from ..checks import check_choice, check_that
-from .box_ops import centerness_from_ltrb, feature_locations
+from .box_ops import LOCATION_GRIDS, centerness_from_ltrb, feature_locations
 from .head import FCOSHeadOutputs
 from .losses import FCOSLoss
 from .postprocess import BatchedDetections, FCOSPostProcessor
@@ -95,12 +95,17 @@ class FCOSCore:
         loss: FCOSLoss,
         postprocessor: FCOSPostProcessor,
         inference_quality: str = "branch",
+        location_grid: str = "half_stride",
     ):
         """
         Args:
             strides: stride of each head input level; the assigner and post-processor must agree.
             num_classes: classes of the head; the assigner and loss must agree.
             inference_quality: see :data:`INFERENCE_QUALITIES`.
+            location_grid: where each level's locations lie, one of
+                :data:`~fcos_d2.modeling.box_ops.LOCATION_GRIDS` (see
+                :func:`~fcos_d2.modeling.box_ops.compute_locations`): "half_stride" (the paper's)
+                or "torchvision" (torchvision's anchor centers, for its converted weights).
         """
         strides = list(strides)
         for part, part_strides in (
@@ -138,12 +143,19 @@ class FCOSCore:
             "MODEL.FCOS.INFERENCE_QUALITY",
             "FCOSCore argument inference_quality",
         )
+        check_choice(
+            location_grid,
+            LOCATION_GRIDS,
+            "MODEL.FCOS.LOCATION_GRID",
+            "FCOSCore argument location_grid",
+        )
         self.strides = strides
         self.num_classes = num_classes
         self.target_assigner = target_assigner
         self.loss = loss
         self.postprocessor = postprocessor
         self.inference_quality = inference_quality
+        self.location_grid = location_grid
 
     @classmethod
     def from_config(cls, cfg, input_shape: dict[str, ShapeSpec]):
@@ -156,16 +168,20 @@ class FCOSCore:
             "loss": FCOSLoss(cfg),
             "postprocessor": FCOSPostProcessor(cfg, strides=strides),
             "inference_quality": cfg.MODEL.FCOS.INFERENCE_QUALITY,
+            "location_grid": cfg.MODEL.FCOS.LOCATION_GRID,
         }
 
     def locations(self, features: Sequence[Tensor]) -> list[Tensor]:
         """(H_i * W_i, 2) image coordinates of each level's locations."""
-        return feature_locations(features, self.strides)
+        return feature_locations(features, self.strides, self.location_grid)
 
     def targets(self, features: Sequence[Tensor], gt_instances: list[Instances]) -> FCOSTargets:
-        """Each location's targets (Sec. 3.1-3.3); the levels' grid sizes let the assigner compare
-        each box only with the locations near its center."""
-        grid_sizes = [tuple(f.shape[-2:]) for f in features]
+        """Each location's targets (Sec. 3.1-3.3); on the half-stride grid, the levels' grid sizes
+        let the assigner compare each box only with the locations near its center (torchvision's
+        grid is not spaced by the stride on every level: every pair is compared, same rule)."""
+        grid_sizes = None
+        if self.location_grid == "half_stride":
+            grid_sizes = [tuple(f.shape[-2:]) for f in features]
         return self.target_assigner(self.locations(features), gt_instances, grid_sizes)
 
     def losses(

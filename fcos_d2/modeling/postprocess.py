@@ -2,7 +2,10 @@
 
 Per level: keep locations whose class score (or score x quality) exceeds a threshold, take the top
 k by score x quality, invert eq. (1) to get boxes; then per image: score = sqrt(cls x quality) (or
-cls x quality, the paper), NMS and the top detections.
+cls x quality, the paper), NMS and the top detections. Other releases threshold and rank
+differently (torchvision: both on sqrt(cls x quality); mmdetection: both on cls, score cls x
+quality, boxes of no area dropped before NMS): ``thresh_on_score``, ``pre_nms_ranking`` and
+``min_box_size`` reproduce them.
 
 Written for tracing as well as eager use: candidate counts come from tensor shapes (0-dim tensors
 under ``torch.jit.trace``), so an exported graph keeps them dynamic instead of baking in the counts
@@ -20,10 +23,12 @@ from detectron2.layers import batched_nms
 from detectron2.structures import Boxes, Instances
 from torch import Tensor
 
-from ..checks import ConfigError, check_that
+from ..checks import ConfigError, check_choice, check_that
 from .box_ops import decode_ltrb
 
 _WHERE = "FCOSPostProcessor argument"
+# What ranks a level's candidates for the pre-NMS top k (MODEL.FCOS.PRE_NMS_RANKING).
+PRE_NMS_RANKINGS = ("cls_quality", "cls", "score")
 
 
 @functools.lru_cache(maxsize=16)
@@ -71,17 +76,26 @@ class FCOSPostProcessor:
         score_sqrt: bool = True,
         normalized_reg: bool = True,
         class_agnostic_nms: bool = False,
-        min_box_size: float = 0.0,
+        min_box_size: float = -1.0,
+        thresh_on_score: bool = False,
+        pre_nms_ranking: str = "cls_quality",
         class_thresholds: Sequence[float] = (),
     ):
         """
         Args:
             strides: stride of each level; regressions are multiplied by it when ``normalized_reg``.
-            score_threshold: candidates need a class score (x quality with ``thresh_with_quality``)
-                above it.
-            pre_nms_topk: candidates kept per level, by class score x quality.
+            score_threshold: candidates need a class score (x quality with ``thresh_with_quality``,
+                the final score with ``thresh_on_score``) above it.
+            pre_nms_topk: candidates kept per level, ranked by ``pre_nms_ranking``: "cls_quality"
+                (class score x quality, the authors'), "cls" (class score, mmdetection's) or
+                "score" (the final score, torchvision's: the order of "cls_quality" except where
+                the square root rounds two products to one value).
             post_nms_topk: detections kept per image after NMS.
             score_sqrt: final score sqrt(cls x quality) (improved) or cls x quality (paper).
+            min_box_size: when >= 0, candidates whose clipped width or height is not above it are
+                dropped before NMS (mmdetection's ``min_bbox_size``); negative: none dropped.
+            thresh_on_score: compare ``score_threshold`` with the final score (torchvision's
+                0.2 on sqrt(cls x quality)); exclusive with ``thresh_with_quality``.
             class_thresholds: ``MODEL.FCOS.CLASS_THRESHOLDS``, one per class or none: after NMS a
                 detection is kept only if its final score is >= its class's value (the operating
                 point of a demo's confidence threshold, per class); ``score_threshold`` still
@@ -98,6 +112,8 @@ class FCOSPostProcessor:
         self.normalized_reg = normalized_reg
         self.class_agnostic_nms = class_agnostic_nms
         self.min_box_size = min_box_size
+        self.thresh_on_score = thresh_on_score
+        self.pre_nms_ranking = pre_nms_ranking
         self.class_thresholds = tuple(float(t) for t in class_thresholds)
         self._validate()
         thresholds_tensor(self.class_thresholds)
@@ -139,11 +155,17 @@ class FCOSPostProcessor:
             f"{_WHERE} score_threshold",
         )
         check_that(
-            self.min_box_size >= 0,
-            "MODEL.PROPOSAL_GENERATOR.MIN_SIZE",
-            ">= 0",
-            self.min_box_size,
-            f"{_WHERE} min_box_size",
+            not (self.thresh_on_score and self.thresh_with_quality),
+            "MODEL.FCOS.THRESH_ON_SCORE",
+            "False when MODEL.FCOS.THRESH_WITH_CTR is True (the threshold applies to one value)",
+            self.thresh_on_score,
+            f"{_WHERE} thresh_on_score",
+        )
+        check_choice(
+            self.pre_nms_ranking,
+            PRE_NMS_RANKINGS,
+            "MODEL.FCOS.PRE_NMS_RANKING",
+            f"{_WHERE} pre_nms_ranking",
         )
         check_that(
             all(0 <= t <= 1 for t in self.class_thresholds),
@@ -166,6 +188,9 @@ class FCOSPostProcessor:
             "thresh_with_quality": fcos.THRESH_WITH_CTR,
             "score_sqrt": fcos.SCORE_SQRT,
             "normalized_reg": fcos.NORM_REG_TARGETS,
+            "min_box_size": fcos.MIN_BOX_SIZE_TEST,
+            "thresh_on_score": fcos.THRESH_ON_SCORE,
+            "pre_nms_ranking": fcos.PRE_NMS_RANKING,
             "class_thresholds": configured_class_thresholds(cfg),
         }
 
@@ -217,6 +242,8 @@ class FCOSPostProcessor:
     def _decode_level(
         self, locations: Tensor, cls_probs: Tensor, ltrb: Tensor, quality: Tensor, stride: int
     ) -> tuple[Tensor, Tensor, Tensor]:
+        if self.thresh_on_score or self.pre_nms_ranking != "cls_quality":
+            return self._decode_level_by(locations, cls_probs, ltrb, quality, stride)
         ranking = cls_probs * quality[:, None]
         keep = (ranking if self.thresh_with_quality else cls_probs) > self.score_threshold
         ranking = ranking[keep]
@@ -271,7 +298,7 @@ class FCOSPostProcessor:
             ],
             dim=1,
         )
-        if self.min_box_size > 0:
+        if self.min_box_size >= 0:
             keep = _nonempty(boxes, self.min_box_size)
             boxes, scores, classes = boxes[keep], scores[keep], classes[keep]
             batch_index = batch_index[keep]
@@ -301,8 +328,19 @@ class FCOSPostProcessor:
         self, locations: Tensor, cls_probs: Tensor, ltrb: Tensor, quality: Tensor, stride: int
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         num_classes = cls_probs.shape[2]
-        ranking = cls_probs * quality[:, :, None]
-        passing = (ranking if self.thresh_with_quality else cls_probs) > self.score_threshold
+        product = cls_probs * quality[:, :, None]
+        final = None
+        if self.thresh_on_score or self.pre_nms_ranking != "cls_quality":
+            # The other releases' rules, as in _decode_level_by.
+            final = torch.sqrt(product) if self.score_sqrt else product
+            thresholded = product if self.thresh_with_quality else cls_probs
+            passing = (final if self.thresh_on_score else thresholded) > self.score_threshold
+            ranking = {"cls_quality": product, "cls": cls_probs, "score": final}[
+                self.pre_nms_ranking
+            ]
+        else:
+            passing = (product if self.thresh_with_quality else cls_probs) > self.score_threshold
+            ranking = product
         # Rankings are >= 0: -1 puts the pairs below the threshold after every passing one.
         ranking = torch.where(passing, ranking, torch.full_like(ranking, -1.0)).flatten(1)
         ranking, top = ranking.topk(clamped_count(ranking.shape[1], self.pre_nms_topk), dim=1)
@@ -313,13 +351,37 @@ class FCOSPostProcessor:
         location_idx, class_idx = top // num_classes, top % num_classes
         ltrb = ltrb.flatten(0, 1)[batch_index * ltrb.shape[1] + location_idx]
         boxes = decode_ltrb(locations[location_idx], ltrb, stride)
-        scores = torch.sqrt(ranking) if self.score_sqrt else ranking
+        if final is not None:
+            final = final.flatten(1)
+            scores = final.flatten()[batch_index * final.shape[1] + top]
+        else:
+            scores = torch.sqrt(ranking) if self.score_sqrt else ranking
         return boxes, scores, class_idx, batch_index
+
+    def _decode_level_by(
+        self, locations: Tensor, cls_probs: Tensor, ltrb: Tensor, quality: Tensor, stride: int
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`_decode_level` for the other releases' rules: the final score computed for
+        every pair before thresholding and ranking, as they do (same values, same order)."""
+        product = cls_probs * quality[:, None]
+        final = torch.sqrt(product) if self.score_sqrt else product
+        if self.thresh_on_score:
+            thresholded = final
+        else:
+            thresholded = product if self.thresh_with_quality else cls_probs
+        keep = thresholded > self.score_threshold
+        location_idx, class_idx = keep.nonzero(as_tuple=True)
+        ranking = {"cls_quality": product, "cls": cls_probs, "score": final}[self.pre_nms_ranking]
+        ranking = ranking[keep]
+        _, top = ranking.topk(clamped_count(ranking.shape[0], self.pre_nms_topk))
+        location_idx, class_idx = location_idx[top], class_idx[top]
+        boxes = decode_ltrb(locations[location_idx], ltrb[location_idx], stride)
+        return boxes, final[keep][top], class_idx
 
     def _select(self, boxes: Tensor, scores: Tensor, classes: Tensor, image_size) -> Instances:
         boxes = Boxes(boxes)
         boxes.clip(image_size)
-        if self.min_box_size > 0:
+        if self.min_box_size >= 0:
             keep = boxes.nonempty(threshold=self.min_box_size)
             boxes, scores, classes = boxes[keep], scores[keep], classes[keep]
         nms_groups = torch.zeros_like(classes) if self.class_agnostic_nms else classes

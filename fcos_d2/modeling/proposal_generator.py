@@ -80,13 +80,17 @@ class FCOSProposalGenerator(nn.Module):
         agnostic.defrost()
         agnostic.MODEL.FCOS.NUM_CLASSES = 1
         rpn = cfg.MODEL.RPN
+        min_size = cfg.MODEL.PROPOSAL_GENERATOR.MIN_SIZE
         # The detector's decoding settings, with Detectron2 RPN-style selection on top.
         rpn_selection = {
             "score_threshold": 0.0,  # like Detectron2's RPN: rank everything, keep the top k
             "nms_threshold": rpn.NMS_THRESH,
             "thresh_with_quality": False,
             "class_agnostic_nms": True,
-            "min_box_size": cfg.MODEL.PROPOSAL_GENERATOR.MIN_SIZE,
+            # A size of 0 filters nothing here (Detectron2's RPN drops empty boxes even then).
+            "min_box_size": min_size if min_size > 0 else -1.0,
+            "thresh_on_score": False,
+            "pre_nms_ranking": "cls_quality",
         }
         detector_core = FCOSCore.from_config(agnostic, input_shape)
         postprocessor = detector_core["postprocessor"].replace(**rpn_selection)
