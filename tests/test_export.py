@@ -1,5 +1,7 @@
 """Export of the whole detector / proposal network (ONNX and TorchScript) and its verification."""
 
+import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -16,8 +18,11 @@ from fcos_d2.export import (
     exported_file,
     load_exported,
     pad_batch,
+    read_metadata,
 )
+from fcos_d2.data import SHAPES_CLASSES
 from fcos_d2.export.__main__ import main, parse_args
+from fcos_d2.export.metadata import export_metadata
 from fcos_d2.export.verify import (
     FLOAT32,
     INT8,
@@ -192,6 +197,16 @@ def test_exported_file_matches_pytorch_at_three_sizes(
     matched, total = matched_and_total(output)
     assert matched == total >= 3 * 5, output
 
+    # What a user of the file needs to draw and to resize, stored in it (numbered classes: the
+    # shrunk config has 3 classes, its COCO datasets 80).
+    assert read_metadata(next(tmp_path.glob("model.*"))) == {
+        "class_names": '["0", "1", "2"]',
+        "input_format": "BGR",
+        "min_size_test": str(HEIGHT),
+        "max_size_test": str(WIDTH),
+        "meta_architecture": "ProposalNetwork" if variant == "proposals" else "FCOS",
+    }
+
     # The file at a size it was not traced at: output types, and boxes clipped to the image.
     boxes, scores, classes = load_exported(next(tmp_path.glob("model.*")))(
         torch.rand(3, 97, 120) * 255
@@ -202,6 +217,20 @@ def test_exported_file_matches_pytorch_at_three_sizes(
     if variant == "proposals":
         assert (classes == 0).all()
         assert len(scores) > 100  # RPN selection: no score threshold
+
+
+def test_metadata_names_the_classes_of_the_test_or_training_dataset(tmp_path, caplog):
+    cfg = variant_cfg("GN")
+    cfg.MODEL.FCOS.NUM_CLASSES = len(SHAPES_CLASSES)
+    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = ("shapes_train",), ()
+    assert json.loads(export_metadata(cfg)["class_names"]) == list(SHAPES_CLASSES)
+    # A dataset that cannot be read here (a deployment machine) does not stop the export.
+    cfg.DATASETS.COCO_JSON = (("mine_val", str(tmp_path / "absent.json"), str(tmp_path)),)
+    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (), ("mine_val",)
+    with caplog.at_level(logging.WARNING, logger="fcos_d2.export.metadata"):
+        names = json.loads(export_metadata(cfg)["class_names"])
+    assert names == ["0", "1", "2", "3", "4"]
+    assert "could not be read" in caplog.text and "absent.json" in caplog.text
 
 
 @pytest.mark.slow

@@ -38,6 +38,7 @@ from ..cli import run_command, split_config_overrides
 from ..config import build_cfg
 from ..data.builtin import register_datasets_from_config
 from .evaluate import evaluate_exported
+from .metadata import export_metadata
 from .model import (
     FORMATS,
     ExportableFCOS,
@@ -45,6 +46,7 @@ from .model import (
     export_model,
     exported_file,
     load_exported,
+    write_onnx_metadata,
 )
 from .quantize import dataset_images, quantize_int8
 from .verify import FLOAT32, INT8, verify, verify_batched
@@ -156,13 +158,17 @@ def main(argv=None) -> int:
 
 def write_files(args: argparse.Namespace, cfg, model, paths: list[Path]) -> None:
     start = time.perf_counter()
-    path = export_model(model, args.format, Path(args.output), example_image(cfg), args.batched)
+    metadata = export_metadata(cfg)
+    path = export_model(
+        model, args.format, Path(args.output), example_image(cfg), args.batched, metadata
+    )
     print(f"wrote {path} ({size_mib(path)}) in {time.perf_counter() - start:.1f} s")
     if args.quantize:
         start = time.perf_counter()
         dataset = registered(args.calibrate_dataset, "--calibrate-dataset")
         images = dataset_images(cfg, dataset, args.calibrate_images)
         int8_path, count = quantize_int8(path, paths[1], model, images, args.batched)
+        write_onnx_metadata(int8_path, metadata)
         print(
             f"wrote {int8_path} ({size_mib(int8_path)}) in {time.perf_counter() - start:.1f} s, "
             f"calibrated on {count} images of {dataset}"

@@ -18,6 +18,7 @@ against.
 """
 
 import contextlib
+import json
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -40,6 +41,8 @@ FORMATS = {"onnx": "model.onnx", "torchscript": "model.ts"}
 # Opset 17: NonMaxSuppression, TopK with a runtime k and If are all supported, and every
 # onnxruntime release since 1.14 runs it.
 ONNX_OPSET = 17
+# The extra file of a TorchScript export that holds its metadata (export/metadata.py).
+TORCHSCRIPT_METADATA = "fcos_d2_metadata.json"
 INPUT_NAMES = ["image"]
 OUTPUT_NAMES = ["boxes", "scores", "classes"]
 BATCHED_INPUT_NAMES = ["images", "image_sizes"]
@@ -260,14 +263,21 @@ def example_batch(example: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def export_model(
-    model: nn.Module, fmt: str, output_dir: Path, example: Tensor, batched: bool = False
+    model: nn.Module,
+    fmt: str,
+    output_dir: Path,
+    example: Tensor,
+    batched: bool = False,
+    metadata: Optional[dict[str, str]] = None,
 ) -> Path:
     """Trace :class:`FCOSGraph` of ``model`` on ``example`` (one (3, H, W) image) and write it
-    in ``fmt``; returns the file (:func:`exported_file`).
+    in ``fmt`` with ``metadata`` (:func:`~fcos_d2.export.metadata.export_metadata`; read back by
+    :func:`read_metadata`); returns the file (:func:`exported_file`).
 
     The model must be on the CPU in float32. H and W stay dynamic, and with ``batched`` the
     batch size (traced on a batch of two made from ``example``).
     """
+    metadata = metadata or {}
     check_choice(fmt, FORMATS, "--format", "fcos_d2.export")
     graph = FCOSGraph(model, batched)
     deformable = [n for n, m in model.named_modules() if isinstance(m, _DEFORMABLE_CONVS)]
@@ -288,7 +298,7 @@ def export_model(
         if fmt == "torchscript":
             # check_trace would re-run the model twice more; --verify compares at several sizes.
             traced = torch.jit.trace(graph, inputs, check_trace=False)
-            traced.save(str(path))
+            traced.save(str(path), _extra_files={TORCHSCRIPT_METADATA: json.dumps(metadata)})
         else:
             dynamic = {name: {0: "detections"} for name in output_names}
             if batched:
@@ -310,7 +320,31 @@ def export_model(
         import onnx
 
         onnx.checker.check_model(str(path))
+        write_onnx_metadata(path, metadata)
     return path
+
+
+def write_onnx_metadata(path: Path, metadata: dict[str, str]) -> None:
+    """Replace the ``metadata_props`` of the ONNX file ``path`` by ``metadata``."""
+    import onnx
+
+    onnx_model = onnx.load(str(path))
+    del onnx_model.metadata_props[:]
+    onnx.helper.set_model_props(onnx_model, metadata)
+    onnx.save(onnx_model, str(path))
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """The metadata :func:`export_model` wrote into ``path`` (empty for older files)."""
+    path = Path(path)
+    if path.suffix == ".onnx":
+        import onnx
+
+        onnx_model = onnx.load(str(path), load_external_data=False)
+        return {prop.key: prop.value for prop in onnx_model.metadata_props}
+    extra_files = {TORCHSCRIPT_METADATA: ""}
+    _load_torchscript(path, extra_files)
+    return json.loads(extra_files[TORCHSCRIPT_METADATA] or "{}")
 
 
 def onnx_session(path: Path, threads: Optional[int] = None):
@@ -334,12 +368,14 @@ def is_batched(path: Path) -> bool:
     return len(list(_load_torchscript(path).graph.inputs())) == 3  # self, images, image_sizes
 
 
-def _load_torchscript(path: Path) -> torch.jit.ScriptModule:
+def _load_torchscript(
+    path: Path, extra_files: Optional[dict[str, str]] = None
+) -> torch.jit.ScriptModule:
     import torchvision  # noqa: F401  (registers torchvision::nms, which the graph calls)
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"`torch\.jit\.load` is deprecated")
-        return torch.jit.load(str(path), map_location="cpu")
+        return torch.jit.load(str(path), map_location="cpu", _extra_files=extra_files or {})
 
 
 def load_exported(path: Path, threads: Optional[int] = None) -> Callable[..., tuple[Tensor, ...]]:
