@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import cv2
+import numpy as np
 import pytest
 import torch
 from helpers import REPO, config_path, overfit, shrink, synthetic_image
@@ -20,7 +21,6 @@ from fcos_d2.export import (
     pad_batch,
     read_metadata,
 )
-from fcos_d2.data import SHAPES_CLASSES
 from fcos_d2.export.__main__ import main, parse_args
 from fcos_d2.export.metadata import export_metadata
 from fcos_d2.export.verify import (
@@ -220,16 +220,22 @@ def test_exported_file_matches_pytorch_at_three_sizes(
 
 
 def test_metadata_names_the_classes_of_the_test_or_training_dataset(tmp_path, caplog):
-    cfg = variant_cfg("GN")
-    cfg.MODEL.FCOS.NUM_CLASSES = len(SHAPES_CLASSES)
-    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = ("shapes_train",), ()
-    assert json.loads(export_metadata(cfg)["class_names"]) == list(SHAPES_CLASSES)
+    cfg = variant_cfg("GN")  # 3 classes
+    cv2.imwrite(str(tmp_path / "a.png"), np.zeros((8, 8, 3), np.uint8))
+    categories = [{"id": 7, "name": "gull"}, {"id": 3, "name": "heron"}, {"id": 5, "name": "ibis"}]
+    images = [{"id": 1, "file_name": "a.png", "height": 8, "width": 8}]
+    coco = {"images": images, "annotations": [], "categories": categories}
+    (tmp_path / "birds.json").write_text(json.dumps(coco))
+    cfg.DATASETS.COCO_JSON = (("export_birds", str(tmp_path / "birds.json"), str(tmp_path)),)
+    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = ("export_birds",), ()
+    # Detectron2's contiguous classes: categories in increasing id.
+    assert json.loads(export_metadata(cfg)["class_names"]) == ["heron", "ibis", "gull"]
     # A dataset that cannot be read here (a deployment machine) does not stop the export.
-    cfg.DATASETS.COCO_JSON = (("mine_val", str(tmp_path / "absent.json"), str(tmp_path)),)
-    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (), ("mine_val",)
+    cfg.DATASETS.COCO_JSON = (("export_absent", str(tmp_path / "absent.json"), str(tmp_path)),)
+    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (), ("export_absent",)
     with caplog.at_level(logging.WARNING, logger="fcos_d2.export.metadata"):
         names = json.loads(export_metadata(cfg)["class_names"])
-    assert names == ["0", "1", "2", "3", "4"]
+    assert names == ["0", "1", "2"]
     assert "could not be read" in caplog.text and "absent.json" in caplog.text
 
 
