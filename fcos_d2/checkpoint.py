@@ -9,11 +9,20 @@ from detectron2.checkpoint import DetectionCheckpointer
 
 from .checks import ConfigError
 from .d2_compat import WeightsOnlyTorchLoad
-from .formats import REFUSED_GLOBAL
+from .formats import LAYOUTS, REFUSED_GLOBAL, layouts_found
 from .utils import atomic_write
 
 # What torch.load / pickle raise for unreadable files.
 _LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, KeyError)
+# Classes whose objects mark an mmdetection 3.x training file (mmengine's logs and schedulers).
+_MMENGINE_CLASSES = ("mmengine.", "mmcv.")
+
+
+def _convert_first(path: str, found: str, source: str) -> ConfigError:
+    return ConfigError(
+        f"MODEL.WEIGHTS: {path} {found}, which fcos_d2 does not load directly: convert it first "
+        f"with `python -m fcos_d2.convert --from {source} IN OUT` and set MODEL.WEIGHTS to OUT"
+    )
 
 
 class FCOSCheckpointer(WeightsOnlyTorchLoad, DetectionCheckpointer):
@@ -56,6 +65,27 @@ class FCOSCheckpointer(WeightsOnlyTorchLoad, DetectionCheckpointer):
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         tag = os.path.join(self.save_dir, "last_checkpoint")
         atomic_write(tag, last_filename_basename.encode())
+
+    def _torch_load(self, f: str):
+        # mmdetection's files keep the weights under "state_dict" beside other entries, which
+        # fvcore would report as "Unsupported type" (3.x files also hold mmengine objects that
+        # weights-only loading refuses): name the conversion that reads them instead.
+        try:
+            loaded = super()._torch_load(f)
+        except pickle.UnpicklingError as error:
+            refused = REFUSED_GLOBAL.search(str(error))
+            name = refused and (refused[1] or refused[2])
+            if name and name.startswith(_MMENGINE_CLASSES):
+                found = f"stores {name} objects (an mmdetection 3.x training file)"
+                raise _convert_first(f, found, "mmdet") from None
+            raise
+        weights = loaded.get("state_dict") if isinstance(loaded, dict) else None
+        if isinstance(weights, dict) and "model" not in loaded:
+            layouts = layouts_found(list(weights), LAYOUTS.values())
+            if layouts:
+                found = f"keeps its weights under 'state_dict' in {layouts[0].title} layout"
+                raise _convert_first(f, found, layouts[0].name)
+        return loaded
 
     def load(self, path: str, checkpointables=None):
         local = path and "://" not in path

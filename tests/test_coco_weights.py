@@ -23,6 +23,7 @@ from detectron2.structures import Boxes, Instances, pairwise_iou
 from helpers import config_path, fresh_cfg, shrink, synthetic_image
 from torch import nn
 
+from fcos_d2.checkpoint import FCOSCheckpointer
 from fcos_d2.checks import ConfigError
 from fcos_d2.convert import main as convert
 from fcos_d2.formats import COCO_THING_IDS, mmdet_key_to_ours, torchvision_key_to_ours
@@ -832,6 +833,24 @@ def test_mmdet_bad_files_are_named(tmp_path, capsys):
         f"error: {path}: no key matches the --from mmdet layout (its keys: model.0.weight)" in err
     )
     assert not os.path.exists(out)
+
+
+@pytest.mark.parametrize("version", ["2.x", "3.x"])
+def test_mmdet_file_through_model_weights_says_to_convert(version, tmp_path):
+    """Not fvcore's "Unsupported type" about the file's other entries, nor the refused mmengine
+    objects of a 3.x file: the conversion to run."""
+    source = small_model(MMDET_CFG)
+    path = mmdet_checkpoint(mmdet_layout(source.state_dict()), version, tmp_path)
+    found = {
+        "2.x": "keeps its weights under 'state_dict' in mmdetection's FCOS (FCOSHead) layout",
+        "3.x": "stores mmengine.logging.history_buffer.HistoryBuffer objects",
+    }[version]
+    with pytest.raises(ConfigError) as error:
+        FCOSCheckpointer(build_model(small_cfg(MMDET_CFG))).load(path)
+    assert str(error.value).startswith(f"MODEL.WEIGHTS: {path} {found}")
+    assert "`python -m fcos_d2.convert --from mmdet IN OUT` and set MODEL.WEIGHTS to OUT" in str(
+        error.value
+    )
 
 
 def test_fine_tuning_converted_mmdet_weights_on_other_classes(tmp_path):
