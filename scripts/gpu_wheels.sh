@@ -11,7 +11,7 @@
 # numpy 2.x, onnx, onnxruntime, opencv-python-headless, matplotlib, tensorboard, pytest, pyyaml,
 # tabulate, tqdm, cloudpickle, portalocker, pillow, packaging, typing-extensions. Missing, and
 # fetched here with their own missing requirements: detectron2 and fvcore, iopath, pycocotools,
-# yacs, omegaconf, hydra-core, antlr4-python3-runtime, termcolor.
+# yacs, omegaconf, hydra-core, antlr4-python3-runtime, termcolor, faster-coco-eval.
 #
 # detectron2 comes, as in scripts/setup_env.sh, from the PyPI republish sal-detectron2 0.7.2. Its
 # only wheel is tagged cp310; only its compiled _C extension is version-specific, so the wheel is
@@ -44,6 +44,7 @@ WHEELS=(  # published as wheels: fetched for CPython 3.12 on manylinux x86-64
     termcolor==3.3.0
     omegaconf==2.3.1
     hydra-core==1.3.8
+    faster-coco-eval==1.7.2  # COCO evaluation (fcos_d2/evaluation.py); pycocotools otherwise
 )
 SDISTS=(  # pure Python, published as source only: built into py3-none-any wheels here
     fvcore==0.1.5.post20221221
