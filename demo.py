@@ -36,7 +36,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--max-images", type=int, default=0, help="use only the first N images")
     parser.add_argument("--output", required=True, help="folder for the annotated images")
-    parser.add_argument("--confidence-threshold", type=float, default=0.5)
+    parser.add_argument(
+        "--confidence-threshold",
+        type=float,
+        default=0.5,
+        help="draw detections of at least this score (unless MODEL.FCOS.CLASS_THRESHOLDS is set)",
+    )
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
     args = parser.parse_args(argv)
     args.input, args.opts = split_config_overrides(args.input, args.opts)
@@ -78,7 +83,9 @@ def main(argv=None) -> int:
             failures += 1
             continue
         instances = predictor(image)["instances"].to("cpu")
-        instances = instances[instances.scores >= args.confidence_threshold]
+        # With per-class thresholds the model already kept only what reaches its class's value.
+        if not cfg.MODEL.FCOS.CLASS_THRESHOLDS:
+            instances = instances[instances.scores >= args.confidence_threshold]
         drawn = Visualizer(image[:, :, ::-1], metadata).draw_instance_predictions(instances)
         target = output / f"{path.stem}.png"
         cv2.imwrite(str(target), drawn.get_image()[:, :, ::-1])

@@ -29,6 +29,7 @@ from ..data.builtin import register_datasets_from_config
 from ..data.resumable import build_train_loader_from_cfg
 from ..data.user_datasets import check_training_data
 from ..inference.oracle import build_annotated_test_loader
+from ..inference.slicing import build_slicing_model
 from ..inference.tta import build_tta_model
 from . import runtime
 from .resume import trim_metrics
@@ -40,7 +41,8 @@ OPTIMIZERS = ("SGD", "ADAMW")
 
 class Trainer(DefaultTrainer):
     """Detectron2's ``DefaultTrainer`` with COCO evaluation, CPU multi-process training,
-    ``SOLVER.AMP.ENABLED`` by the precision rule, ``MODEL_EMA`` and ``SOLVER.OPTIMIZER``."""
+    ``SOLVER.AMP.ENABLED`` by the precision rule, ``MODEL_EMA``, ``SOLVER.OPTIMIZER`` and sliced
+    evaluation (``TEST.SLICE.*``)."""
 
     def __init__(self, cfg: CfgNode):
         check_training_data(cfg)
@@ -134,10 +136,22 @@ class Trainer(DefaultTrainer):
         return COCOEvaluator(dataset_name, output_dir=output_folder)
 
     @classmethod
+    def build_model(cls, cfg: CfgNode) -> torch.nn.Module:
+        model = super().build_model(cfg)
+        # Checks TEST.SLICE.* against the model now, not at the first evaluation after training.
+        build_slicing_model(cfg, model)
+        return model
+
+    @classmethod
     def test(cls, cfg: CfgNode, model: torch.nn.Module, evaluators=None) -> "OrderedDict[str, Any]":
         """Detectron2's evaluation; ``MODEL.FCOS.INFERENCE_QUALITY: oracle`` evaluates the model
-        through the oracle wrapper, on inputs that keep their annotations."""
-        return super().test(cfg, runtime.evaluation_model(model), evaluators)
+        through the oracle wrapper, on inputs that keep their annotations; ``TEST.SLICE.ENABLED``
+        on tiles of each original image (:class:`~fcos_d2.inference.FCOSWithSlicing`)."""
+        if cfg.TEST.SLICE.ENABLED:
+            evaluated = build_slicing_model(cfg, model)
+        else:
+            evaluated = runtime.evaluation_model(model)
+        return super().test(cfg, evaluated, evaluators)
 
     @classmethod
     def test_with_TTA(cls, cfg: CfgNode, model: torch.nn.Module) -> "OrderedDict[str, Any]":
