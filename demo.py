@@ -12,7 +12,8 @@ also reads grayscale, RGBA, 16-bit and EXIF-rotated files), ``Visualizer`` and
 ``VideoVisualizer``. ``--json`` writes COCO results (``image_id``, ``category_id`` in the
 dataset's own ids, ``bbox`` as absolute XYWH, ``score``, plus ``file_name``; ``frame`` for
 videos), loadable by ``pycocotools.COCO.loadRes``; both outputs keep the detections scoring at
-least ``--confidence-threshold``.
+least ``--confidence-threshold``, or, with ``MODEL.FCOS.CLASS_THRESHOLDS``, those the per-class
+thresholds keep.
 """
 
 import fcos_d2  # noqa: F401  (first: it quiets fvcore's import-time warnings)
@@ -56,7 +57,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--output", help="folder for annotated images, or the annotated video (.mp4)"
     )
     parser.add_argument("--json", metavar="PATH", help="write the detections as COCO results")
-    parser.add_argument("--confidence-threshold", type=float, default=0.5)
+    parser.add_argument(
+        "--confidence-threshold",
+        type=float,
+        default=0.5,
+        help="keep detections of at least this score (unless MODEL.FCOS.CLASS_THRESHOLDS is set)",
+    )
     parser.add_argument(
         "--batch-size", type=int, default=1, help="images per forward pass (README: when it helps)"
     )
@@ -76,9 +82,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = build_cfg(args.config_file, args.opts)
-    cfg.MODEL.FCOS.INFERENCE_TH_TEST = min(
-        cfg.MODEL.FCOS.INFERENCE_TH_TEST, args.confidence_threshold
-    )
+    if cfg.MODEL.FCOS.CLASS_THRESHOLDS:
+        # The model already keeps only what reaches its class's threshold: nothing more to cut.
+        args.confidence_threshold = 0.0
+    else:
+        cfg.MODEL.FCOS.INFERENCE_TH_TEST = min(
+            cfg.MODEL.FCOS.INFERENCE_TH_TEST, args.confidence_threshold
+        )
     cfg.freeze()
     register_datasets_from_config(cfg)
     if args.dataset and args.dataset not in DatasetCatalog.list():

@@ -1,12 +1,12 @@
 """Sliced inference: the tile grid, boxes mapped back to the image, one detection per object after
-the merge (also for objects cut by a tile border), the real detector and the predictor."""
+the merge (also for objects cut by a tile border), the real detector, the predictor, evaluation."""
 
 import numpy as np
 import pytest
 import torch
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
-from helpers import synthetic_image
+from helpers import QUICKSTART, synthetic_image, tiny_opts
 from torch import nn
 
 from fcos_d2.checks import ConfigError
@@ -232,3 +232,42 @@ def test_predictor_slices_large_images(tiny_cfg, tmp_path):
     assert torch.equal(result.pred_boxes.tensor, direct.pred_boxes.tensor)
     # Tiles of 96 x 128 resized to the test size 64 (short side): boxes reach beyond x = 128.
     assert result.pred_boxes.tensor[:, 2].max() > 128
+
+
+def test_evaluation_runs_each_image_in_tiles(tmp_path, monkeypatch):
+    """train_net.py's evaluation (Trainer.test) with TEST.SLICE.ENABLED: each 256 x 256 image of
+    shapes_large_val goes through the detector as 3 x 3 tiles of 128 px (step 128 - 26), none as a
+    whole; a tile size below the largest stride fails when the model is built, before training."""
+    from fcos_d2.config import build_cfg
+    from fcos_d2.data.builtin import register_datasets_from_config
+    from fcos_d2.engine.trainer import Trainer
+
+    opts = {
+        "DATASETS.TEST": "('shapes_large_val',)",
+        "DATASETS.SHAPES.NUM_LARGE_VAL": 2,
+        "DATASETS.SHAPES.LARGE_IMAGE_SIZE": [256, 256],
+        "DATASETS.SHAPES.LARGE_MAX_OBJECTS": 10,
+        "DATASETS.SHAPES.LARGE_MAX_OBJECT_SIDE": 24.0,
+        "TEST.SLICE.ENABLED": True,
+        "TEST.SLICE.SIZE": 128,
+        "TEST.SLICE.FULL_IMAGE": False,
+    }
+    cfg = build_cfg(QUICKSTART, tiny_opts(tmp_path, 1, **opts))
+    register_datasets_from_config(cfg)
+    model = Trainer.build_model(cfg)
+    passes = []
+    detect = FCOSWithSlicing._detect
+    monkeypatch.setattr(
+        FCOSWithSlicing,
+        "_detect",
+        lambda self, inputs: (
+            passes.append([x["image"].shape[1:] for x in inputs]) or detect(self, inputs)
+        ),
+    )
+    results = Trainer.test(cfg, model)
+    assert set(results["bbox"]) >= {"AP", "APs"}
+    # Tiles of 128 px, resized to the test size 128: seen at their own pixels.
+    assert passes == [[(128, 128)] * 9] * 2
+    cfg.TEST.SLICE.SIZE = 64
+    with pytest.raises(ConfigError, match="TEST.SLICE.SIZE must be an integer >= the largest"):
+        Trainer.build_model(cfg)

@@ -208,6 +208,7 @@ def midpoint_thresholds(scores, classes, num_classes: int) -> tuple[float, ...]:
     return tuple(thresholds)
 
 
+@pytest.mark.slow
 def test_exported_graphs_honour_the_class_thresholds(tiny_cfg, tmp_path):
     """Traced and ONNX graphs of a detector with per-class thresholds give exactly the
     detections of the same graph without them that reach their class's threshold."""
@@ -284,3 +285,32 @@ def test_thresholds_command_and_the_detector_agree(tmp_path, capsys):
     assert counts.sum() > 0
     with pytest.raises(ConfigError, match=r"--precision must be in \(0, 1\]"):
         main([*command, "--precision", "1.5", *opts])
+
+
+def test_demo_draws_what_the_class_thresholds_keep(tmp_path, capsys):
+    """demo.py with MODEL.FCOS.CLASS_THRESHOLDS draws the predictor's detections as they are: its
+    --confidence-threshold (0.5, above every score of this untrained model) no longer applies."""
+    import cv2
+    from helpers import load_script
+
+    from fcos_d2.config import build_cfg
+    from fcos_d2.inference import FCOSPredictor
+
+    opts = tiny_opts(tmp_path, 1, **{"MODEL.FCOS.INFERENCE_TH_TEST": 0.0})
+    cfg = build_cfg(QUICKSTART, opts)
+    torch.manual_seed(0)
+    weights = tmp_path / "model.pth"
+    torch.save({"model": build_model(cfg).state_dict()}, weights)
+    image = np.random.default_rng(0).integers(0, 255, (96, 128, 3), dtype=np.uint8)
+    cv2.imwrite(str(tmp_path / "image.png"), image)
+    thresholds = "(0.06, 0.07, 0.06, 0.07, 0.06)"
+    opts += ["MODEL.WEIGHTS", str(weights), "MODEL.FCOS.CLASS_THRESHOLDS", thresholds]
+    expected = FCOSPredictor(build_cfg(QUICKSTART, opts))(image)["instances"]
+    assert 0 < len(expected) < 100 and expected.scores.max() < 0.5
+    demo = load_script("demo.py")
+    command = ["--config-file", QUICKSTART, "--input", str(tmp_path / "image.png")]
+    assert demo.main([*command, "--output", str(tmp_path / "vis"), *opts]) == 0
+    assert f"image.png: {len(expected)} detections" in capsys.readouterr().out
+    # Without them, the confidence threshold still applies.
+    assert demo.main([*command, "--output", str(tmp_path / "vis"), *opts[:-2]]) == 0
+    assert "image.png: 0 detections" in capsys.readouterr().out

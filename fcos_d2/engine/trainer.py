@@ -31,6 +31,7 @@ from ..data.resumable import build_train_loader_from_cfg
 from ..data.user_datasets import check_training_data
 from ..evaluation import FasterCOCOEvaluator
 from ..inference.oracle import build_annotated_test_loader
+from ..inference.slicing import build_slicing_model
 from ..inference.tta import build_tta_model
 from ..inference.validation import validation_losses
 from . import runtime
@@ -44,7 +45,8 @@ OPTIMIZERS = ("SGD", "ADAMW")
 
 class Trainer(DefaultTrainer):
     """Detectron2's ``DefaultTrainer`` with COCO evaluation, CPU multi-process training,
-    ``SOLVER.AMP.ENABLED`` by the precision rule, ``MODEL_EMA`` and ``SOLVER.OPTIMIZER``."""
+    ``SOLVER.AMP.ENABLED`` by the precision rule, ``MODEL_EMA``, ``SOLVER.OPTIMIZER`` and sliced
+    evaluation (``TEST.SLICE.*``)."""
 
     def __init__(self, cfg: CfgNode):
         check_training_data(cfg)
@@ -150,11 +152,23 @@ class Trainer(DefaultTrainer):
         return FasterCOCOEvaluator(dataset_name, output_dir=output_folder)
 
     @classmethod
+    def build_model(cls, cfg: CfgNode) -> torch.nn.Module:
+        model = super().build_model(cfg)
+        # Checks TEST.SLICE.* against the model now, not at the first evaluation after training.
+        build_slicing_model(cfg, model)
+        return model
+
+    @classmethod
     def test(cls, cfg: CfgNode, model: torch.nn.Module, evaluators=None) -> "OrderedDict[str, Any]":
         """Detectron2's evaluation; ``MODEL.FCOS.INFERENCE_QUALITY: oracle`` evaluates the model
-        through the oracle wrapper, on inputs that keep their annotations; ``TEST.VAL_LOSS`` adds
-        the losses on each test set as ``validation``."""
-        results = super().test(cfg, runtime.evaluation_model(model), evaluators)
+        through the oracle wrapper, on inputs that keep their annotations; ``TEST.SLICE.ENABLED``
+        on tiles of each original image (:class:`~fcos_d2.inference.FCOSWithSlicing`);
+        ``TEST.VAL_LOSS`` adds the losses on each test set as ``validation``."""
+        if cfg.TEST.SLICE.ENABLED:
+            evaluated = build_slicing_model(cfg, model)
+        else:
+            evaluated = runtime.evaluation_model(model)
+        results = super().test(cfg, evaluated, evaluators)
         if cfg.TEST.VAL_LOSS:
             for name in cfg.DATASETS.TEST:
                 losses = validation_losses(model, build_annotated_test_loader(cfg, name))
