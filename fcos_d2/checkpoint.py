@@ -62,6 +62,29 @@ class FCOSCheckpointer(WeightsOnlyTorchLoad, DetectionCheckpointer):
                 "previous checkpoints and last_checkpoint are unchanged",
             ) from error
 
+    def get_checkpoint_file(self) -> str:
+        """The checkpoint ``last_checkpoint`` names, checked: a pointer that is not a file name or
+        names a missing file is a :class:`ConfigError` naming it, not a failure to load later."""
+        tag = os.path.join(self.save_dir, "last_checkpoint")
+        try:
+            with open(tag, "rb") as f:
+                content = f.read()
+        except FileNotFoundError:
+            return ""  # removed by another process meanwhile: start afresh, as fvcore does
+        name = content.decode("utf-8", errors="replace").strip()
+        fix = (
+            f"delete it to start from MODEL.WEIGHTS, or write into it the file name of a "
+            f"checkpoint in {self.save_dir} (e.g. model_0004999.pth)"
+        )
+        if not name or not name.isprintable() or os.sep in name or len(name) > 255:
+            raise ConfigError(
+                f"--resume: {tag} is not a checkpoint name (it holds {content[:60]!r}): {fix}"
+            )
+        path = os.path.join(self.save_dir, name)
+        if not os.path.isfile(path):
+            raise ConfigError(f"--resume: {tag} names {name}, which does not exist: {fix}")
+        return path
+
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         tag = os.path.join(self.save_dir, "last_checkpoint")
         atomic_write(tag, last_filename_basename.encode())

@@ -46,7 +46,8 @@ class FasterCOCOEvaluator(COCOEvaluator):
     has no compiled ``COCOeval_opt``, evaluates with faster-coco-eval's ``COCOeval_faster``.
 
     With ``max_dets_per_image`` other than 100 Detectron2 uses its own pycocotools subclass
-    (``COCOevalMaxDets``), and so does this evaluator.
+    (``COCOevalMaxDets``), and so does this evaluator; so it does for datasets whose image ids
+    are not integers (Pascal VOC's file names), which faster-coco-eval cannot index.
     """
 
     def __init__(self, dataset_name: str, *args, use_fast_impl: bool = True, **kwargs):
@@ -56,6 +57,10 @@ class FasterCOCOEvaluator(COCOEvaluator):
 
     def evaluate(self, img_ids=None):
         if self.backend != "faster-coco-eval":
+            return super().evaluate(img_ids)
+        if not all(isinstance(i, int) for i in self._coco_api.getImgIds()):
+            # faster-coco-eval indexes images by number; Pascal VOC datasets name them by file.
+            logger.info("image ids that are not integers: evaluating with pycocotools' COCOeval")
             return super().evaluate(img_ids)
         with coco_eval_class_replaced(faster_coco_eval_class()):
             return super().evaluate(img_ids)

@@ -88,3 +88,22 @@ def test_backend_choice(monkeypatch):
     monkeypatch.undo()
     monkeypatch.setattr(evaluation, "faster_coco_eval_class", lambda: None)  # not installed
     assert evaluation.coco_eval_backend() == "pycocotools"
+
+
+def test_image_ids_that_are_not_integers_are_evaluated_with_pycocotools(tmp_path):
+    """Pascal VOC datasets name their images by file; faster-coco-eval cannot index those."""
+    from detectron2.evaluation import COCOEvaluator
+
+    gt, predictions = synthetic_coco(num_images=8, seed=4)
+    for record in [*gt["images"], *gt["annotations"], *predictions]:
+        key = "id" if "file_name" in record else "image_id"
+        record[key] = f"img{record[key]:03d}"
+    name = register(gt, tmp_path, "test_string_image_ids")
+    inputs, outputs = model_outputs(predictions)
+    official, _, _ = run_evaluator(COCOEvaluator(name, output_dir=None), inputs, outputs)
+    faster = evaluation.FasterCOCOEvaluator(name, output_dir=None)
+    assert faster.backend == "faster-coco-eval"
+    results, _, _ = run_evaluator(faster, inputs, outputs)
+    assert results["bbox"]["AP"] > 0 and set(results["bbox"]) == set(official["bbox"])
+    for key, value in official["bbox"].items():  # the same code: the same numbers (NaN: no gt)
+        np.testing.assert_equal(results["bbox"][key], value, err_msg=key)

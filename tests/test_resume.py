@@ -21,7 +21,7 @@ from fcos_d2.data.resumable import (
     current_sample,
 )
 from fcos_d2.engine import Trainer, main, setup
-from fcos_d2.engine.resume import PREEMPTED_EXIT_STATUS, trim_metrics
+from fcos_d2.engine.resume import PREEMPTED_EXIT_STATUS, PreemptionHook, trim_metrics
 
 MAX_ITER, PERIOD = 16, 4
 
@@ -199,10 +199,12 @@ def test_two_processes_stop_together_on_sigterm_and_resume_exactly(tmp_path):
     run = start_training(opts, "--num-gpus", "2")
     wait_for_checkpoint(run, out, "model_0000003.pth")
     run.send_signal(signal.SIGTERM)
-    _, stderr = run.communicate(timeout=300)
+    stdout, stderr = run.communicate(timeout=300)
     assert run.returncode == PREEMPTED_EXIT_STATUS, stderr[-3000:]
-    stopped = [line for line in stderr.splitlines() if "SIGTERM received: stopped after" in line]
-    assert stopped, stderr[-3000:]
+    # The main process's console and log.txt say where training stopped.
+    for log in stdout, (out / "log.txt").read_text():
+        stopped = [line for line in log.splitlines() if "SIGTERM received: stopped after" in line]
+        assert len(stopped) == 1, stdout[-3000:] + stderr[-3000:]
     assert not (out / "model_final.pth").exists()
     resumed = start_training(opts, "--num-gpus", "2", "--resume")
     _, stderr = resumed.communicate(timeout=600)
@@ -252,3 +254,46 @@ def test_trim_metrics_keeps_the_records_before_the_resumed_iteration(tmp_path):
     assert (tmp_path / "metrics.json").read_text() == lines[
         0
     ] + "\n" + '{"iteration": 39, "a": 3}\n'
+
+
+def test_a_process_forked_during_training_still_stops_on_sigterm():
+    """Data loader processes are forked while the preemption handler is installed: in them
+    SIGTERM must still stop the process (or they outlive training and block its exit)."""
+    import multiprocessing
+
+    previous = signal.getsignal(signal.SIGTERM)
+    hook = PreemptionHook(checkpointer=None, training_state=None)
+    hook.before_train()
+    try:
+        child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
+        child.start()
+        child.terminate()  # SIGTERM
+        child.join(20)
+        assert child.exitcode == -signal.SIGTERM
+        os.kill(os.getpid(), signal.SIGTERM)  # the training process only takes note
+        assert hook._signal == signal.SIGTERM
+    finally:
+        hook.restore()
+    assert signal.getsignal(signal.SIGTERM) is previous
+    hook.restore()  # idempotent
+    assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_training_that_fails_restores_the_signal_handlers(tmp_path):
+    """An error during training (here in a hook's after_train too, which makes Detectron2 skip
+    the later hooks' after_train) leaves no preemption handler installed."""
+
+    class Failing(HookBase):
+        def after_step(self):
+            raise RuntimeError("failed at a step")
+
+        def after_train(self):
+            raise RuntimeError("failed after training")
+
+    previous = signal.getsignal(signal.SIGTERM)
+    trainer = Trainer(setup(args_for(opts_for(tmp_path))))
+    trainer.register_hooks([Failing()])
+    trainer.resume_or_load(resume=False)
+    with pytest.raises(RuntimeError, match="failed"):
+        trainer.train()
+    assert signal.getsignal(signal.SIGTERM) is previous

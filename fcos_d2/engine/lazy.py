@@ -192,15 +192,15 @@ def do_train(args, cfg: DictConfig) -> dict[str, Any]:
             best = BestCheckpoint(checkpointer, metric, mode, cfg.train.eval_period, ema)
             hook_list = runtime.add_best_checkpoint_hook(hook_list, best)
     period = cfg.train.checkpointer.get("period", 0)
-    trainer.register_hooks(
-        runtime.add_resume_hooks(hook_list, train_loader, model, checkpointer, period)
-    )
+    hook_list = runtime.add_resume_hooks(hook_list, train_loader, model, checkpointer, period)
+    trainer.register_hooks(hook_list)
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
     # A checkpoint stores the iteration that just finished: resume at the next one.
     start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
     if start_iter and main_process:
         trim_metrics(cfg.train.output_dir, start_iter)
-    trainer.train(start_iter, cfg.train.max_iter)
+    with runtime.preemption_handlers_restored(hook_list):
+        trainer.train(start_iter, cfg.train.max_iter)
     return last_results
 
 

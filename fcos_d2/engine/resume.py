@@ -130,18 +130,32 @@ class PreemptionHook(HookBase):
         self.training_state = training_state
         self._signal: Optional[int] = None
         self._previous: dict[int, Any] = {}
+        self._pid = os.getpid()
 
     def _handle(self, signum: int, frame) -> None:
+        if os.getpid() != self._pid:
+            # A data loader process forked during training inherits the handler: there the
+            # signal keeps its default meaning (stop), or that process could never be stopped.
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         self._signal = signum
 
     def before_train(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             logger.warning("training outside the main thread: preemption signals not handled")
             return
+        self._pid = os.getpid()
         for sig in PREEMPTION_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def after_train(self) -> None:
+        self.restore()
+
+    def restore(self) -> None:
+        """Put back the handlers training replaced (idempotent). The trainers also call it when
+        training ends with an error: Detectron2 then skips the ``after_train`` of the hooks after
+        one whose ``after_train`` raised, and this hook is the last."""
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()

@@ -6,9 +6,10 @@ The yacs trainer hands these to Detectron2's ``DefaultTrainer``; the LazyConfig 
 Detectron2's ``SimpleTrainer`` and hooks with them, as Detectron2's lazy script does.
 """
 
+import contextlib
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from functools import partial
 from typing import Optional
 
@@ -145,6 +146,18 @@ def add_resume_hooks(
     is gathered before the checkpointer writes) and the stop on a preemption signal (last)."""
     state = TrainingState(data_loader, model, checkpoint_period)
     return [state, *hook_list, PreemptionHook(checkpointer, state)]
+
+
+@contextlib.contextmanager
+def preemption_handlers_restored(hook_list: list) -> Iterator[None]:
+    """Run training; afterwards, whatever happened, the signal handlers of the
+    :class:`PreemptionHook` in ``hook_list`` are restored."""
+    try:
+        yield
+    finally:
+        for hook in hook_list:
+            if isinstance(hook, PreemptionHook):
+                hook.restore()
 
 
 def evaluation_model(model: nn.Module) -> nn.Module:

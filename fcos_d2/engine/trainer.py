@@ -107,13 +107,18 @@ class Trainer(DefaultTrainer):
                     self.checkpointer, best.METRIC, best.MODE, self.cfg.TEST.EVAL_PERIOD, self.ema
                 ),
             )
-        return runtime.add_resume_hooks(
+        self.resume_hooks = runtime.add_resume_hooks(
             hook_list,
             step_runner(self).data_loader,
             self.model,
             self.checkpointer,
             self.cfg.SOLVER.CHECKPOINT_PERIOD,
         )
+        return self.resume_hooks
+
+    def train(self):
+        with runtime.preemption_handlers_restored(self.resume_hooks):
+            return super().train()
 
     def resume_or_load(self, resume: bool = True) -> None:
         super().resume_or_load(resume=resume)
