@@ -115,6 +115,9 @@ def test_a_killed_loader_process_stops_training_with_a_clear_error():
             next(batches)
     assert time.time() - start < 30  # an error, not a hang
     assert "DATALOADER.NUM_WORKERS (now 2)" in str(error.value)
+    # The other process is gone too: it ignores SIGTERM, and would block the interpreter's exit.
+    workers[1].join(timeout=20)
+    assert not workers[1].is_alive() and multiprocessing.active_children() == []
 
 
 WORKER = textwrap.dedent(

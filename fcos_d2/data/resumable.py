@@ -157,12 +157,19 @@ def _named_worker_failures(loader: DataLoader, num_workers: int) -> Iterator:
         except RuntimeError as error:
             if "DataLoader worker" not in str(error):
                 raise
-            raise RuntimeError(
-                f"a training data loader process died ({error}): killed, or out of memory? "
-                f"Training stopped; --resume continues from the last checkpoint. Fewer "
-                f"DATALOADER.NUM_WORKERS (now {num_workers}) need less memory; 0 maps the "
-                "data in the training process."
-            ) from error
+            died = str(error)
+        else:
+            continue
+        # Shut the other loader processes down now (the error's traceback, which held the
+        # iterator, is gone here): they ignore SIGTERM, so left to the interpreter's exit they
+        # would keep the training process from ending.
+        del iterator
+        raise RuntimeError(
+            f"a training data loader process died ({died}): killed, or out of memory? "
+            f"Training stopped; --resume continues from the last checkpoint. Fewer "
+            f"DATALOADER.NUM_WORKERS (now {num_workers}) need less memory; 0 maps the "
+            "data in the training process."
+        )
 
 
 class ResumableTrainLoader:

@@ -20,6 +20,7 @@ from .rules import (
     apply_rules,
     compile_rules,
     is_unsupported,
+    resnet_block_rules,
     strip_ddp_prefix,
 )
 
@@ -31,13 +32,6 @@ MARKERS = ("backbone.body.stem.", "rpn.head.", "backbone.fpn.fpn_inner", "backbo
 DETECTRON2_FROZEN_BN_EPS = 1e-5
 
 
-def _res(m: "re.Match[str]") -> str:
-    # maskrcnn-benchmark names stages by index 1..4 = C2..C5; Detectron2 by res2..res5.
-    return f"backbone.bottom_up.res{int(m['layer']) + 1}.{m['block']}"
-
-
-_LAYER = r"backbone\.body\.layer(?P<layer>[1-4])\.(?P<block>\d+)"
-
 # Original FCOS key -> ours. Patterns cover every key of the released ResNet/ResNeXt-FPN models
 # without deformable convolutions (FPN without GN, GN towers).
 FCOS_RULES: list[Rule] = compile_rules(
@@ -47,13 +41,7 @@ FCOS_RULES: list[Rule] = compile_rules(
             rf"backbone\.body\.stem\.bn1\.{BN_PARAM}",
             lambda m: f"backbone.bottom_up.stem.conv1.norm.{m['p']}",
         ),
-        (rf"{_LAYER}\.conv(?P<c>[1-3])\.weight", lambda m: f"{_res(m)}.conv{m['c']}.weight"),
-        (
-            rf"{_LAYER}\.bn(?P<c>[1-3])\.{BN_PARAM}",
-            lambda m: f"{_res(m)}.conv{m['c']}.norm.{m['p']}",
-        ),
-        (rf"{_LAYER}\.downsample\.0\.weight", lambda m: f"{_res(m)}.shortcut.weight"),
-        (rf"{_LAYER}\.downsample\.1\.{BN_PARAM}", lambda m: f"{_res(m)}.shortcut.norm.{m['p']}"),
+        *resnet_block_rules(r"backbone\.body"),
         # fpn_inner1/fpn_layer1 do not exist: inner2..4 / layer2..4 are C3..C5.
         (
             rf"backbone\.fpn\.fpn_inner(?P<i>[2-4])\.{CONV_PARAM}",

@@ -37,31 +37,21 @@ from .rules import (
     Layout,
     apply_rules,
     compile_rules,
+    resnet_block_rules,
     strip_ddp_prefix,
 )
 
-_LAYER = r"backbone\.layer(?P<layer>[1-4])\.(?P<block>\d+)"
 _FPN_NAMES = {"0": "fpn_output3", "1": "fpn_output4", "2": "fpn_output5", "3": "top_block.p6"}
 _FPN_NAMES["4"] = "top_block.p7"
 _TOWERS = {"cls_convs": "cls_tower", "reg_convs": "bbox_tower"}
 _PREDICTORS = {"cls": "cls_logits", "reg": "bbox_pred", "centerness": "ctrness"}
 
 
-def _res(m) -> str:
-    return f"backbone.bottom_up.res{int(m['layer']) + 1}.{m['block']}"
-
-
 MMDET_RULES = compile_rules(
     [
         (r"backbone\.conv1\.weight", lambda m: "backbone.bottom_up.stem.conv1.weight"),
         (rf"backbone\.bn1\.{BN_PARAM}", lambda m: f"backbone.bottom_up.stem.conv1.norm.{m['p']}"),
-        (rf"{_LAYER}\.conv(?P<c>[1-3])\.weight", lambda m: f"{_res(m)}.conv{m['c']}.weight"),
-        (
-            rf"{_LAYER}\.bn(?P<c>[1-3])\.{BN_PARAM}",
-            lambda m: f"{_res(m)}.conv{m['c']}.norm.{m['p']}",
-        ),
-        (rf"{_LAYER}\.downsample\.0\.weight", lambda m: f"{_res(m)}.shortcut.weight"),
-        (rf"{_LAYER}\.downsample\.1\.{BN_PARAM}", lambda m: f"{_res(m)}.shortcut.norm.{m['p']}"),
+        *resnet_block_rules(r"backbone"),
         (
             rf"neck\.lateral_convs\.(?P<i>[0-2])\.conv\.{CONV_PARAM}",
             lambda m: f"backbone.fpn_lateral{int(m['i']) + 3}.{m['p']}",

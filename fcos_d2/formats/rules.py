@@ -25,6 +25,23 @@ UNSUPPORTED = [
 ]
 
 
+def resnet_block_rules(stages: str) -> list[tuple[str, Callable[["re.Match[str]"], str]]]:
+    """Rules for the bottleneck blocks of a torchvision-layout ResNet (``conv1..3``, ``bn1..3``,
+    ``downsample.0/1``) whose stages are ``{stages}.layer1`` .. ``layer4``: Detectron2's
+    ``res2`` .. ``res5`` (C2..C5) of ``backbone.bottom_up``."""
+    layer = rf"{stages}\.layer(?P<layer>[1-4])\.(?P<block>\d+)"
+
+    def res(m: "re.Match[str]") -> str:
+        return f"backbone.bottom_up.res{int(m['layer']) + 1}.{m['block']}"
+
+    return [
+        (rf"{layer}\.conv(?P<c>[1-3])\.weight", lambda m: f"{res(m)}.conv{m['c']}.weight"),
+        (rf"{layer}\.bn(?P<c>[1-3])\.{BN_PARAM}", lambda m: f"{res(m)}.conv{m['c']}.norm.{m['p']}"),
+        (rf"{layer}\.downsample\.0\.weight", lambda m: f"{res(m)}.shortcut.weight"),
+        (rf"{layer}\.downsample\.1\.{BN_PARAM}", lambda m: f"{res(m)}.shortcut.norm.{m['p']}"),
+    ]
+
+
 def compile_rules(table: list[tuple[str, Callable[["re.Match[str]"], str]]]) -> list[Rule]:
     """Each pattern anchored at both ends."""
     return [(re.compile(f"^{pattern}$"), target) for pattern, target in table]

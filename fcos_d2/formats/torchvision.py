@@ -36,6 +36,7 @@ from .rules import (
     Layout,
     apply_rules,
     compile_rules,
+    resnet_block_rules,
     strip_ddp_prefix,
 )
 
@@ -45,13 +46,6 @@ TORCHVISION_COCO_OUTPUTS = 91
 COCO_THING_IDS: list[int] = [c["id"] for c in COCO_CATEGORIES if c["isthing"]]
 CLS_LOGITS = "head.classification_head.cls_logits."
 
-_LAYER = r"backbone\.body\.layer(?P<layer>[1-4])\.(?P<block>\d+)"
-
-
-def _res(m) -> str:
-    return f"backbone.bottom_up.res{int(m['layer']) + 1}.{m['block']}"
-
-
 TORCHVISION_RULES = compile_rules(
     [
         (r"backbone\.body\.conv1\.weight", lambda m: "backbone.bottom_up.stem.conv1.weight"),
@@ -59,13 +53,7 @@ TORCHVISION_RULES = compile_rules(
             rf"backbone\.body\.bn1\.{BN_PARAM}",
             lambda m: f"backbone.bottom_up.stem.conv1.norm.{m['p']}",
         ),
-        (rf"{_LAYER}\.conv(?P<c>[1-3])\.weight", lambda m: f"{_res(m)}.conv{m['c']}.weight"),
-        (
-            rf"{_LAYER}\.bn(?P<c>[1-3])\.{BN_PARAM}",
-            lambda m: f"{_res(m)}.conv{m['c']}.norm.{m['p']}",
-        ),
-        (rf"{_LAYER}\.downsample\.0\.weight", lambda m: f"{_res(m)}.shortcut.weight"),
-        (rf"{_LAYER}\.downsample\.1\.{BN_PARAM}", lambda m: f"{_res(m)}.shortcut.norm.{m['p']}"),
+        *resnet_block_rules(r"backbone\.body"),
         (
             rf"backbone\.fpn\.inner_blocks\.(?P<i>[0-2])(?:\.0)?\.{CONV_PARAM}",
             lambda m: f"backbone.fpn_lateral{int(m['i']) + 3}.{m['p']}",
