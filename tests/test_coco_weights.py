@@ -566,30 +566,36 @@ def test_torchvision_coco_v1_file_loads_without_missing_or_unexpected_keys(tmp_p
 def test_fine_tuning_converted_torchvision_weights_on_other_classes(converted_torchvision):
     """3 classes instead of 80: the classifier is skipped (Detectron2's report), everything else
     loads, and training runs."""
-    from detectron2.utils.events import EventStorage
-
     _, _, path, loaded = converted_torchvision
     model = build_model(torchvision_cfg(**{"MODEL.FCOS.NUM_CLASSES": 3}))
+    batch = [synthetic_image(128, 160, boxes=[[20, 20, 90, 100]], classes=[2])]
+    assert_fine_tunes(model, path, loaded.state_dict(), batch, 1e-3, 2, "head.bbox_pred.weight")
+
+
+def assert_fine_tunes(
+    model, path, source: dict, batch: list, lr: float, steps: int, trained_key: str
+) -> None:
+    """``path`` loads into ``model`` (another class count) with only the classifier skipped,
+    as Detectron2 reports it, the rest equal to ``source``; then ``steps`` SGD steps on
+    ``batch`` give finite losses and change ``trained_key``."""
+    from detectron2.utils.events import EventStorage
+
     report = DetectionCheckpointer(model)._load_model(torch.load(path))
     skipped = ["head.cls_logits.weight", "head.cls_logits.bias"]
     assert [k for k, *_ in report.incorrect_shapes] == skipped
     assert sorted(report.missing_keys) == sorted(skipped) and report.unexpected_keys == []
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    expected = loaded.state_dict()
-    assert all(torch.equal(state[k], v) for k, v in expected.items() if k not in skipped)
-    batch = [synthetic_image(128, 160, boxes=[[20, 20, 90, 100]], classes=[2])]
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    assert all(torch.equal(state[k], v) for k, v in source.items() if k not in skipped)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()
     with EventStorage():
-        for _ in range(2):
+        for _ in range(steps):
             loss = sum(model(batch).values())
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
     assert torch.isfinite(loss)
-    assert not torch.equal(
-        model.state_dict()["head.bbox_pred.weight"], state["head.bbox_pred.weight"]
-    )
+    assert not torch.equal(model.state_dict()[trained_key], state[trained_key])
 
 
 # --- mmdetection: its layouts written from its source, converted back --------------------------
@@ -855,33 +861,13 @@ def test_mmdet_file_through_model_weights_says_to_convert(version, tmp_path):
 
 def test_fine_tuning_converted_mmdet_weights_on_other_classes(tmp_path):
     """5 classes instead of the file's 3: cls_logits skipped, the rest loaded, training runs."""
-    from detectron2.utils.events import EventStorage
-
     source = small_model(MMDET_IMPROVED_CFG)
     path = mmdet_checkpoint(mmdet_layout(source.state_dict(), conv_bias=True), "2.x", tmp_path)
     out = str(tmp_path / "converted.pth")
     assert convert(["--from", "mmdet", path, out]) == 0
-    cfg = small_cfg(MMDET_IMPROVED_CFG, num_classes=5)
-    model = build_model(cfg)
-    report = DetectionCheckpointer(model)._load_model(torch.load(out))
-    skipped = ["head.cls_logits.weight", "head.cls_logits.bias"]
-    assert [k for k, *_ in report.incorrect_shapes] == skipped
-    assert sorted(report.missing_keys) == sorted(skipped) and report.unexpected_keys == []
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    assert all(torch.equal(state[k], v) for k, v in source.state_dict().items() if k not in skipped)
+    model = build_model(small_cfg(MMDET_IMPROVED_CFG, num_classes=5))
     batch = [synthetic_image(96, 128, boxes=[[10, 10, 60, 50]], classes=[1])]
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    with EventStorage():
-        for _ in range(3):
-            loss = sum(model(batch).values())
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    assert torch.isfinite(loss)
-    assert not torch.equal(
-        model.state_dict()["head.cls_logits.bias"], state["head.cls_logits.bias"]
-    )
+    assert_fine_tunes(model, out, source.state_dict(), batch, 1e-2, 3, "head.cls_logits.bias")
 
 
 # --- mmdetection's own code, where it is installed ---------------------------------------------
