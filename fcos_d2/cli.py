@@ -72,7 +72,9 @@ def training_command(
         args = default_argument_parser().parse_args(argv)
         print("Command Line Args:", args)
         check_config(args)
-        with signals_forwarded_to_workers():
+        # One process: launch runs training in this process, which handles the signals itself.
+        spawns = args.num_gpus * args.num_machines > 1
+        with signals_forwarded_to_workers() if spawns else contextlib.nullcontext():
             try:
                 launch(
                     _worker,
@@ -96,7 +98,8 @@ def training_command(
 def signals_forwarded_to_workers() -> Iterator[None]:
     """While active, SIGTERM and SIGUSR1 sent to this (launching) process reach the training
     processes it started, which stop cleanly on them (fcos_d2.engine.resume): a scheduler may
-    signal only the process it started. In one process, training itself handles them."""
+    signal only the process it started. Only where ``launch`` starts processes: in one process,
+    training itself handles them (and outside training they keep their default meaning)."""
     sent = (signal.SIGTERM, signal.SIGUSR1)
 
     def forward(signum: int, frame) -> None:

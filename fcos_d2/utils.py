@@ -1,6 +1,9 @@
 """Small helpers with no fcos_d2 dependency: crash-safe file writes, the model inside DDP."""
 
+import atexit
+import multiprocessing
 import os
+import signal
 from pathlib import Path
 from typing import Callable, Union
 
@@ -39,3 +42,33 @@ def atomic_write(
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The model inside DistributedDataParallel, or the model itself."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+_STOP_REGISTERED = False
+
+
+def stop_daemon_processes_at_exit() -> None:
+    """At this process's exit, kill its daemonic child processes that are still alive (data
+    loader processes whose loader was not shut down, e.g. after an error).
+
+    ``multiprocessing`` stops them at exit with SIGTERM and then waits for them; training's
+    loader processes ignore SIGTERM (a scheduler signals every process, and the training process
+    must write its checkpoint first), so that wait would never end. Registered once, after
+    ``multiprocessing``'s own exit function, so it runs before it."""
+    global _STOP_REGISTERED
+    if not _STOP_REGISTERED:
+        atexit.register(_kill_daemon_children)
+        _STOP_REGISTERED = True
+
+
+def _kill_daemon_children() -> None:
+    children = [p for p in multiprocessing.active_children() if p.daemon]
+    if not children:
+        return
+    # torch's data loader reports a loader process killed by a signal from a SIGCHLD handler:
+    # at exit that is what is meant, not an error.
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for process in children:
+        process.kill()
+    for process in children:
+        process.join(timeout=5)

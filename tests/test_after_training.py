@@ -251,6 +251,8 @@ def test_best_checkpoint_by_validation_loss_keeps_the_evaluated_weights(tmp_path
         ("bbox/AP5", "a COCO box metric"),
         ("AP50", "'<task>/<name>'"),
         ("validation/total_loss", "needs TEST.VAL_LOSS True"),
+        ("shapes_val/bbox/AP5", "a COCO box metric"),  # with the dataset, as with several
+        ("a/shapes_val/bbox/AP", "'<task>/<name>'"),
     ],
 )
 def test_a_best_checkpoint_metric_no_evaluation_computes_is_named(tmp_path, metric, message):
@@ -304,3 +306,23 @@ def test_the_predictor_falls_back_to_the_cpu_without_cuda(tmp_path, monkeypatch)
     assert predictor.cfg.MODEL.DEVICE == "cpu"
     out = predictor(np.zeros((64, 80, 3), np.uint8))["instances"]
     assert out.image_size == (64, 80)
+
+
+def test_with_several_test_datasets_the_metric_names_its_dataset():
+    """Detectron2 nests the results of several test datasets by name: 'shapes_val/bbox/AP'.
+    A missing metric is named with the key that set it (LazyConfig's here)."""
+    from types import SimpleNamespace
+
+    from fcos_d2.engine.best_checkpoint import BestCheckpoint, check_metric
+
+    check_metric("shapes_val/bbox/AP", "max", val_loss=False)
+    saved = []
+    checkpointer = SimpleNamespace(save_weights=lambda name, **extra: saved.append(extra))
+    hook = BestCheckpoint(checkpointer, "b/bbox/AP", "max", 2, key="train.best_checkpoint.metric")
+    results = {"a/bbox/AP": (30.0, 1), "b/bbox/AP": (40.0, 1)}
+    hook.trainer = SimpleNamespace(storage=SimpleNamespace(latest=lambda: results))
+    hook._check()
+    assert saved == [{"iteration": 1, "metric": {"b/bbox/AP": 40.0}}]
+    hook.metric = "bbox/AP"
+    with pytest.raises(ValueError, match=r"train.best_checkpoint.metric 'bbox/AP' is not .*b/bbox"):
+        hook._check()

@@ -256,27 +256,82 @@ def test_trim_metrics_keeps_the_records_before_the_resumed_iteration(tmp_path):
     ] + "\n" + '{"iteration": 39, "a": 3}\n'
 
 
-def test_a_process_forked_during_training_still_stops_on_sigterm():
-    """Data loader processes are forked while the preemption handler is installed: in them
-    SIGTERM must still stop the process (or they outlive training and block its exit)."""
+def test_a_process_forked_during_training_outlives_sigterm_and_ends_with_training():
+    """A scheduler signals every process: one forked during training (an evaluation's data
+    loader) must not die before the training process has written its checkpoint; it ends at the
+    training process's exit."""
     import multiprocessing
+
+    from fcos_d2 import utils
 
     previous = signal.getsignal(signal.SIGTERM)
     hook = PreemptionHook(checkpointer=None, training_state=None)
     hook.before_train()
     try:
         child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
+        child.daemon = True
         child.start()
-        child.terminate()  # SIGTERM
-        child.join(20)
-        assert child.exitcode == -signal.SIGTERM
-        os.kill(os.getpid(), signal.SIGTERM)  # the training process only takes note
+        os.kill(child.pid, signal.SIGTERM)
+        child.join(2)
+        assert child.is_alive()  # ignored there
+        os.kill(os.getpid(), signal.SIGTERM)  # the training process takes note
         assert hook._signal == signal.SIGTERM
+        utils._kill_daemon_children()  # what runs at exit
+        assert not child.is_alive()
     finally:
         hook.restore()
     assert signal.getsignal(signal.SIGTERM) is previous
     hook.restore()  # idempotent
     assert signal.getsignal(signal.SIGTERM) is previous
+
+
+CRASH_WITH_LOADER_PROCESSES = """
+import time
+from detectron2.data.common import DatasetFromList
+from fcos_d2.data.resumable import IndexStream, PositionedSamples, ResumableTrainLoader
+
+class Slow:
+    def __call__(self, record):
+        time.sleep(0.01)
+        return record
+
+records = [{"width": 4, "height": 4, "i": i} for i in range(8)]
+samples = PositionedSamples(DatasetFromList(records), Slow(), IndexStream(8, seed=0))
+batches = iter(ResumableTrainLoader(samples, 2, num_workers=2))
+next(batches)
+raise FloatingPointError("loss became NaN")  # training stops with an error, loader still live
+"""
+
+
+def test_training_that_stops_with_an_error_exits_despite_its_loader_processes():
+    """The loader processes ignore SIGTERM, which multiprocessing sends them at exit before it
+    waits for them: the process must still end (it hung before)."""
+    start = time.time()
+    done = subprocess.run(
+        [sys.executable, "-c", CRASH_WITH_LOADER_PROCESSES],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert done.returncode == 1 and "FloatingPointError: loss became NaN" in done.stderr
+    assert "Exception ignored" not in done.stderr  # the loader processes end quietly
+    assert time.time() - start < 60
+
+
+def test_one_process_training_keeps_the_signals_default_meaning_outside_training(tmp_path):
+    """train_net.py with one process runs training in the launching process: no forwarding
+    handler there (it would swallow SIGTERM before and after training)."""
+    from fcos_d2.cli import training_command
+
+    seen = []
+    status = training_command(
+        "train_net.py",
+        lambda args: seen.append(signal.getsignal(signal.SIGTERM)),
+        lambda args: None,
+        argv=["--config-file", QUICKSTART],
+    )
+    assert status == 0 and seen == [signal.SIG_DFL]
 
 
 def test_training_that_fails_restores_the_signal_handlers(tmp_path):
@@ -297,3 +352,19 @@ def test_training_that_fails_restores_the_signal_handlers(tmp_path):
     with pytest.raises(RuntimeError, match="failed"):
         trainer.train()
     assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_resuming_where_fewer_gpus_are_visible_restores_their_random_states(monkeypatch):
+    """A checkpoint written with 2 GPUs visible, resumed with 1: that one's state, a warning."""
+    from fcos_d2.engine import resume
+
+    restored, warned = [], []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device: restored.append((s, device)))
+    monkeypatch.setattr(resume.logger, "warning", lambda *args: warned.append(args))
+    state = resume.rng_state()
+    state["cuda"] = [torch.zeros(8, dtype=torch.uint8), torch.ones(8, dtype=torch.uint8)]
+    resume.set_rng_state(state)
+    assert len(restored) == 1 and restored[0][0] is state["cuda"][0] and restored[0][1] == 0
+    assert len(warned) == 1 and warned[0][1:] == (2, 1, 1)

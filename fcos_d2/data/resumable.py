@@ -36,6 +36,8 @@ from detectron2.data.common import DatasetFromList
 from detectron2.utils import comm
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ..utils import stop_daemon_processes_at_exit
+
 logger = logging.getLogger(__name__)
 
 _current_sample: Optional[tuple[int, int]] = None  # (seed, position) of the sample being mapped
@@ -140,7 +142,8 @@ def _identity(sample: Any) -> Any:
 
 def _loader_worker_init(worker_id: int) -> None:
     # The training process handles preemption signals (checkpoint, then exit); a worker that
-    # died of one first would stop training with a data loader error instead.
+    # died of one first would stop training with a data loader error instead. The training
+    # process stops its workers at its exit (_named_worker_failures).
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
 
@@ -148,6 +151,8 @@ def _loader_worker_init(worker_id: int) -> None:
 def _named_worker_failures(loader: DataLoader, num_workers: int) -> Iterator:
     """``loader``'s items; a loader process that died (killed, out of memory) is reported as such
     instead of torch's generic error."""
+    if num_workers > 0:
+        stop_daemon_processes_at_exit()  # they ignore SIGTERM: multiprocessing cannot stop them
     iterator = iter(loader)
     while True:
         try:

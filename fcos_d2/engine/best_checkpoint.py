@@ -31,15 +31,17 @@ def check_metric(
     metric: str, mode: str, val_loss: bool, key: str = "SOLVER.BEST_CHECKPOINT"
 ) -> None:
     """The metric's form, before training: ``bbox/<COCO metric>``, ``validation/<loss>`` (which
-    needs the validation loss) or another evaluator's ``<task>/<name>``."""
+    needs the validation loss) or another evaluator's ``<task>/<name>``; with several test
+    datasets, Detectron2 names the results ``<dataset>/<task>/<name>``."""
     check_choice(mode, tuple(MODES), f"{key}.MODE")
     check_that(
-        metric.count("/") == 1 and all(metric.split("/")),
+        metric.count("/") in (1, 2) and all(metric.split("/")),
         f"{key}.METRIC",
-        "'<task>/<name>' as in metrics.json, e.g. 'bbox/AP50' or 'validation/total_loss'",
+        "'<task>/<name>' as in metrics.json, e.g. 'bbox/AP50' or 'validation/total_loss' "
+        "('<dataset>/<task>/<name>' with several DATASETS.TEST)",
         metric,
     )
-    task, name = metric.split("/")
+    task, name = metric.split("/")[-2:]
     if task == "bbox":
         check_that(
             name in COCO_BOX_METRICS or name.startswith("AP-"),
@@ -68,8 +70,10 @@ class BestCheckpoint(HookBase):
         eval_period: int,
         ema: Optional[ModelEMA] = None,
         prefix: str = "model_best",
+        key: str = "SOLVER.BEST_CHECKPOINT.METRIC",
     ):
         self.checkpointer, self.metric, self.eval_period = checkpointer, metric, eval_period
+        self.key = key  # the config key that names the metric, for errors
         self.better = MODES[mode]
         self.ema, self.prefix = ema, prefix
         self.best: Optional[float] = None
@@ -90,8 +94,7 @@ class BestCheckpoint(HookBase):
         if self.metric not in latest:
             known = sorted(k for k in latest if "/" in k and not k.startswith(("fcos/", "data_")))
             raise ConfigError(
-                f"SOLVER.BEST_CHECKPOINT.METRIC {self.metric!r} is not among the evaluation "
-                f"results: {known}"
+                f"{self.key} {self.metric!r} is not among the evaluation results: {known}"
             )
         value, iteration = latest[self.metric]
         if not math.isfinite(value):

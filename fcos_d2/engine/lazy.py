@@ -189,7 +189,14 @@ def do_train(args, cfg: DictConfig) -> dict[str, Any]:
         val_loss = OmegaConf.select(cfg, "test.val_loss", default=False)
         check_metric(metric, mode, val_loss, key="train.best_checkpoint")
         if main_process:
-            best = BestCheckpoint(checkpointer, metric, mode, cfg.train.eval_period, ema)
+            best = BestCheckpoint(
+                checkpointer,
+                metric,
+                mode,
+                cfg.train.eval_period,
+                ema,
+                key="train.best_checkpoint.metric",
+            )
             hook_list = runtime.add_best_checkpoint_hook(hook_list, best)
     period = cfg.train.checkpointer.get("period", 0)
     hook_list = runtime.add_resume_hooks(hook_list, train_loader, model, checkpointer, period)

@@ -27,6 +27,7 @@ from torch import nn
 
 from ..checkpoint import FCOSCheckpointer
 from ..modeling.losses import FCOSLoss
+from ..utils import stop_daemon_processes_at_exit
 
 logger = logging.getLogger("fcos_d2")
 
@@ -55,7 +56,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(internal), gauss_next))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        saved, visible = state["cuda"], torch.cuda.device_count()
+        if len(saved) != visible:
+            # Resumed where another number of GPUs is visible: the first ones get their states.
+            logger.warning(
+                "the checkpoint holds the CUDA random states of %d GPUs, %d are visible: "
+                "restoring %d",
+                len(saved),
+                visible,
+                min(len(saved), visible),
+            )
+        for device, device_state in enumerate(saved[:visible]):
+            torch.cuda.set_rng_state(device_state, device)
 
 
 def fcos_losses(model: nn.Module) -> list[FCOSLoss]:
@@ -134,10 +146,10 @@ class PreemptionHook(HookBase):
 
     def _handle(self, signum: int, frame) -> None:
         if os.getpid() != self._pid:
-            # A data loader process forked during training inherits the handler: there the
-            # signal keeps its default meaning (stop), or that process could never be stopped.
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
+            # A process forked during training (e.g. an evaluation's data loader) inherits the
+            # handler: a scheduler signals every process, and the training process must get to
+            # its checkpoint before its loader processes die. They end with it (at its exit,
+            # stop_daemon_processes_at_exit).
             return
         self._signal = signum
 
@@ -146,6 +158,7 @@ class PreemptionHook(HookBase):
             logger.warning("training outside the main thread: preemption signals not handled")
             return
         self._pid = os.getpid()
+        stop_daemon_processes_at_exit()
         for sig in PREEMPTION_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
 
