@@ -163,6 +163,20 @@ def model_outputs(predictions: list[dict]) -> tuple[list[dict], list[dict]]:
     return inputs, outputs
 
 
+def as_coco_results(predictions: list[dict]) -> list[dict]:
+    """The detections of :func:`synthetic_coco` as COCO results (XYWH, category c + 1)."""
+    return [
+        {
+            "image_id": p["image_id"],
+            "category_id": int(c) + 1,
+            "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])],
+            "score": float(s),
+        }
+        for p in predictions
+        for b, s, c in zip(p["boxes"], p["scores"], p["classes"])
+    ]
+
+
 def run_evaluator(evaluator, inputs: list[dict], outputs: list[dict]) -> tuple[dict, float, float]:
     """(results, seconds in process(), seconds in evaluate()); Detectron2's printing muted."""
     evaluator.reset()
@@ -257,16 +271,7 @@ def main(argv=None) -> dict:
                 runs[key]["results"] = results
                 print(f"  COCOEvaluator, {key}: process {process:.1f} s, evaluate {evaluate:.1f} s")
         coco_gt = evaluators["pycocotools"]._coco_api
-        coco_results = [
-            {
-                "image_id": p["image_id"],
-                "category_id": int(c) + 1,
-                "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])],
-                "score": float(s),
-            }
-            for p in predictions
-            for b, s, c in zip(p["boxes"], p["scores"], p["classes"])
-        ]
+        coco_results = as_coco_results(predictions)
         alone = {k: {"seconds": [], "stats": None} for k in evaluators}
         classes = {"pycocotools": COCOeval, "faster-coco-eval": faster}
         for repeat in range(args.repeats):

@@ -263,14 +263,17 @@ def markdown_table(benchmarks: dict, detectors: list[str], cpu: bool = False) ->
         cells = [bench["title"]]
         cells += [_cell(results.get(d), bench["unit"]) for d in detectors]
         if not cpu:
-            cells.append(
-                "; ".join(
-                    f"{t['what']}: {t['value']:.2f}x {'met' if t['met'] else 'NOT met'}"
-                    for t in bench.get("targets", [])
-                )
-            )
+            cells.append(targets_cell(bench))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def targets_cell(bench: dict) -> str:
+    """A benchmark's targets, each with its ratio and whether it is met."""
+    return "; ".join(
+        f"{t['what']}: {t['value']:.2f}x {'met' if t['met'] else 'NOT met'}"
+        for t in bench.get("targets", [])
+    )
 
 
 ONNX_RUNTIMES = {
@@ -305,12 +308,7 @@ def onnx_table(benchmarks: dict, cpu: bool = False) -> str:
         cells = [bench["title"]]
         cells += [onnx_cell(bench["results"].get(name), cpu) for name in ONNX_RUNTIMES]
         if not cpu:
-            cells.append(
-                "; ".join(
-                    f"{t['what']}: {t['value']:.2f}x {'met' if t['met'] else 'NOT met'}"
-                    for t in bench.get("targets", [])
-                )
-            )
+            cells.append(targets_cell(bench))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -11,6 +11,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks.coco_eval import (  # noqa: E402
+    as_coco_results,
     cocoeval_stats,
     model_outputs,
     register,
@@ -38,16 +39,7 @@ def test_the_12_numbers_equal_pycocotools(case):
 
     name, _, predictions = case
     coco_gt = COCOEvaluator(name, output_dir=None)._coco_api
-    results = [
-        {
-            "image_id": p["image_id"],
-            "category_id": int(c) + 1,
-            "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])],
-            "score": float(s),
-        }
-        for p in predictions
-        for b, s, c in zip(p["boxes"], p["scores"], p["classes"])
-    ]
+    results = as_coco_results(predictions)
     official, _ = cocoeval_stats(COCOeval, coco_gt, results)
     faster, _ = cocoeval_stats(evaluation.faster_coco_eval_class(), coco_gt, results)
     assert 0.05 < official[0] < 0.95 and official.min() >= 0  # a real, non-trivial case
