@@ -59,10 +59,10 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] \
 fi
 
 step "check free disk"
-# torch's CUDA build (the only one with a torchvision for it) makes a venv of about 5.6 GiB.
+# torch's CUDA build (the only one with a torchvision for it) makes a venv of about 6 GiB.
 free_gib="$(df -Pk "$(dirname "$VENV")" | awk 'NR == 2 { printf "%.1f", $4 / 1048576 }')"
 if ! "$PY" -c "import torch" 2>/dev/null && awk -v f="$free_gib" 'BEGIN { exit !(f < 7) }'; then
-    echo "    WARNING: $free_gib GiB free under $(dirname "$VENV"); the venv needs about 5.6 GiB and" \
+    echo "    WARNING: $free_gib GiB free under $(dirname "$VENV"); the venv needs about 6 GiB and" \
         "the tests about 1 GiB more. Free some space or set VENV to a folder on a larger disk." >&2
 fi
 
