@@ -1,6 +1,6 @@
 """Fixtures; helpers shared by the test modules live in ``helpers.py``.
 
-Disk: the training tests write checkpoints of about 45 MB each, gigabytes over the whole suite. A
+Disk: the training tests write checkpoints of 133 MB each, gigabytes over the whole suite. A
 passing test's ``tmp_path`` is deleted when it ends (``tmp_path_retention_policy`` in
 pyproject.toml) and what a module's fixtures wrote when the module ends, so the suite needs about
 as much disk as its largest module; failed tests keep theirs for a look. The summary prints the
@@ -31,6 +31,10 @@ def tiny_cfg(cfg):
     return shrink(cfg, config_path("configs/FCOS-Detection/Base-FCOS.yaml"))
 
 
+# The base temporary folder, and the most it held after a test body (bytes, test id).
+_most_held = {"bytes": 0, "test": "", "base": None}
+
+
 def folder_bytes(folder: Path) -> int:
     total = 0
     for root, _, names in os.walk(folder):
@@ -54,9 +58,6 @@ def module_files_deleted_at_its_end(request, tmp_path_factory):
         for folder in set(base.iterdir()) - before:
             if folder.is_dir() and not folder.is_symlink():
                 shutil.rmtree(folder, ignore_errors=True)
-
-
-_most_held = {"bytes": 0, "test": "", "base": None}
 
 
 @pytest.hookimpl(hookwrapper=True)
