@@ -3,13 +3,13 @@
 import os
 import platform
 import statistics
-import subprocess
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from .models import LABELS, REFERENCE, REPO
+from .provenance import git_commit
 
 SHORT_LABELS = {
     "fcos_d2": "fcos-d2",
@@ -48,25 +48,6 @@ def _version(package: str) -> Optional[str]:
         return None
 
 
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        dirty = subprocess.run(
-            ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        return out.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def machine_description(device: torch.device) -> dict:
     import detectron2
     import torchvision
@@ -92,7 +73,7 @@ def machine_description(device: torch.device) -> dict:
         "torchvision": torchvision.__version__,
         "detectron2": detectron2.__version__,
         "onnxruntime": _version("onnxruntime"),
-        "fcos_d2_commit": _git_commit(),
+        "fcos_d2_commit": git_commit(REPO),
         "device": str(device),
         "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }

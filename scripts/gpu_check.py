@@ -37,8 +37,8 @@ from the GPU machine: 8 files at most), the first three and ``gpu_check_files.ta
 rest, after every stage, so that a check stopped from outside still returns what it measured.
 Exit status 0 when every stage passed (dry run: did what it should), else 1.
 
-Only the standard library is imported here: the wheels must be installed before anything imports
-detectron2.
+Only the standard library is imported here (and ``benchmarks/provenance.py``, which imports
+nothing else): the wheels must be installed before anything imports detectron2.
 """
 
 import argparse
@@ -60,6 +60,9 @@ from pathlib import Path
 from typing import Callable, Optional
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from benchmarks.provenance import git_commit  # noqa: E402  (standard library only)
+
 STAGES = ("env", "tests", "bench", "quickstart", "profile")
 # Seconds per stage on one H200 (generous: expected about 15, 60, 100, 90 and 20) and on a CPU.
 # The profile comes last: it is for later work and must never squeeze the figures of the issue.
@@ -410,31 +413,16 @@ def nvidia_smi(check: Check, deadline: float) -> Optional[dict]:
     return dict(zip(keys, fields))
 
 
-def git_commit() -> str:
-    try:
-        commit = subprocess.run(
-            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        return commit + ("+changes" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (no git here)"
-
-
 def env_stage(check: Check, result: StageResult, deadline: float) -> None:
     install = install_wheels(check, deadline)
     result.details["install"] = install
     versions = check.python_json(VERSIONS_CODE, "env", deadline)
     smi = nvidia_smi(check, deadline)
-    machine = {"date": check.results["date"], "fcos_d2_commit": git_commit(), **versions}
+    machine = {
+        "date": check.results["date"],
+        "fcos_d2_commit": git_commit(REPO, unknown="unknown (no git here)"),
+        **versions,
+    }
     if smi:
         machine["nvidia_smi"] = smi
         machine["driver"] = smi.get("driver")
